@@ -1,0 +1,1 @@
+"""HTTP and WebSocket routes. Routes stay thin: validate, hand off, return."""

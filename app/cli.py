@@ -1,0 +1,184 @@
+"""The ``sensorcast`` command: serve, worker, simulate, subscribe, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import Settings, describe_error
+from app.models.base import ModelPathError
+
+log = logging.getLogger("app")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
+    """Settings from the environment, overridden by the options given on the command line."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return Settings(**given)
+
+
+def _fail(message: str) -> int:
+    print(f"sensorcast: {message}", file=sys.stderr)
+    return 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the HTTP/WebSocket service until SIGTERM or SIGINT, then drain and exit 0."""
+    import uvicorn
+
+    from app.main import create_app
+
+    try:
+        settings = _settings(args, ("host", "port", "backend", "workers", "log_level"))
+        app = create_app(settings)
+    except ValidationError as exc:
+        return _fail(describe_error(exc))
+    except ModelPathError as exc:
+        return _fail(f"SENSORCAST_MODEL: {exc}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    _configure_logging(settings.log_level)
+    if settings.backend.startswith("redis"):
+        return _fail("SENSORCAST_BACKEND: the Redis backend is not available yet; use memory://")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_message_bytes,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
+        lifespan="on",
+    )
+    server = GracefulServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+class GracefulServer:
+    """uvicorn's server with a drain step before it closes connections.
+
+    On the first SIGTERM/SIGINT the app stops taking readings (503), finishes every accepted
+    reading, delivers the predictions and closes subscribers with 1001; only then does uvicorn
+    close the sockets. A second signal exits at once.
+    """
+
+    def __init__(self, config: Any) -> None:
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                outer.on_signal(sig)
+
+        self.server = _Server(config)
+        self.app = config.app
+        self._draining: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    def run(self) -> None:
+        self.server.run()
+
+    def on_signal(self, sig: int) -> None:
+        server = self.server
+        if self._draining is not None or not server.started:
+            server.should_exit = True
+            server.force_exit = self._draining is not None
+            return
+        log.info("%s: draining before exit", signal.Signals(sig).name)
+        loop = asyncio.get_event_loop()
+        self._draining = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.app.state.drain()
+        except Exception:
+            log.exception("drain failed")
+        finally:
+            self.server.should_exit = True
+
+
+def worker(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args, ("backend", "workers", "log_level"))
+    except ValidationError as exc:
+        return _fail(describe_error(exc))
+    if not settings.backend.startswith("redis"):
+        return _fail(
+            "SENSORCAST_BACKEND: the worker role needs a shared backend (redis://...); "
+            "with memory:// the serve command runs the workers itself"
+        )
+    return _fail("SENSORCAST_BACKEND: the Redis backend is not available yet")
+
+
+def subscribe(args: argparse.Namespace) -> int:
+    from app.subscribe import run as run_subscribe
+
+    try:
+        return asyncio.run(run_subscribe(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sensorcast", description="Live predictions on sensor streams."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the HTTP/WebSocket service")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--backend", help="memory:// (default) or redis://host:port/db")
+    p.add_argument("--workers", type=int, help="model worker processes (default: the cores)")
+    p.add_argument("--log-level", dest="log_level")
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("worker", help="run the compute role on a shared Redis backend")
+    p.add_argument("--backend")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--log-level", dest="log_level")
+    p.set_defaults(func=worker)
+
+    p = commands.add_parser("subscribe", help="print predictions as JSON lines")
+    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/ws/predictions")
+    p.add_argument("--sensor", action="append", default=[], help="an id or a glob; repeatable")
+    p.add_argument("--anomalies-only", action="store_true")
+    p.add_argument("--since", type=int)
+    p.add_argument("--batch", action="store_true", help="ask for batched frames")
+    p.add_argument("--key", help="API key, where keys are set")
+    p.add_argument("--count", type=int, help="exit after this many predictions")
+    p.set_defaults(func=subscribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)

@@ -1,0 +1,126 @@
+"""Settings: every option of ``sensorcast serve`` / ``sensorcast worker``.
+
+Each field can come from the command line or from the environment as ``SENSORCAST_<NAME>``
+(for example ``SENSORCAST_WORKERS=4``). Names carry their unit (``_ms``, ``_s``, ``_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class SlowClientPolicy(StrEnum):
+    """What happens to a subscriber whose send queue is full."""
+
+    drop_oldest = "drop_oldest"
+    """Drop the oldest queued frames and tell the client with a ``lagged`` frame."""
+    latest_per_sensor = "latest_per_sensor"
+    """Keep only the newest prediction of each sensor (conflation)."""
+    disconnect = "disconnect"
+    """Close the connection with code 1013 (try again later)."""
+
+
+def _default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Service settings, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="SENSORCAST_", extra="ignore")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backend: str = "memory://"
+    log_level: str = "info"
+
+    # Compute
+    workers: int = Field(default_factory=_default_workers, ge=1, le=256)
+    """Model worker processes (one shard of the sensors each)."""
+    trainer_workers: int = Field(1, ge=1, le=64)
+    """Processes that retrain models, apart from the shard workers."""
+    model: str = "app.models.simple:RollingZScore"
+    """The model class, as ``module:Class``."""
+    model_dir: Path | None = None
+
+    # Pipeline
+    queue_max_readings: int = Field(100_000, ge=1)
+    """Readings accepted but not yet predicted, per shard; beyond it POST answers 503."""
+    batch_max_size: int = Field(2_000, ge=1)
+    batch_window_ms: float = Field(2.0, ge=0)
+    """How long the batcher waits for more readings before sending a partial batch."""
+    batches_in_flight: int = Field(2, ge=1, le=16)
+    """Batches a shard may have queued in its worker at once (pipelining)."""
+    dedup_window_s: float = Field(600.0, ge=0)
+    dedup_max_ids: int = Field(1_000_000, ge=0)
+
+    # Request limits
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_readings_per_request: int = Field(10_000, ge=1)
+
+    # Subscriptions
+    history_max_frames: int = Field(100_000, ge=0)
+    history_max_age_s: float = Field(3600.0, ge=0)
+    subscriber_queue_frames: int = Field(10_000, ge=1)
+    slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest
+    batch_flush_ms: float = Field(5.0, ge=0)
+    """With ``batch=true``, the longest a prediction waits to be sent in a frame."""
+    ws_ping_interval_s: float = Field(20.0, gt=0)
+    ws_ping_timeout_s: float = Field(20.0, gt=0)
+    ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
+
+    # Access
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Lifecycle
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    pool_start_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if scheme not in {"memory", "redis", "rediss"} or "://" not in value:
+            raise ValueError(f"unknown backend {value!r}: use memory:// or redis://host:port/db")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model_path(cls, value: str) -> str:
+        module, sep, name = value.partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"{value!r} is not of the form module:Class")
+        return value
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad setting, for start-up failures.
+
+    Examples:
+        >>> try:
+        ...     Settings(workers=0)
+        ... except ValidationError as e:
+        ...     print(describe_error(e))
+        SENSORCAST_WORKERS: Input should be greater than or equal to 1
+    """
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"] if isinstance(p, str)) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"SENSORCAST_{name.upper()}: {message}")
+    return "; ".join(parts)

@@ -1,0 +1,84 @@
+"""``create_app(settings)``: the FastAPI app and the lifespan that wires the pipeline.
+
+Start-up enters, in data-flow order: the backend, the prediction hub, then the pipeline
+(process pool warmed before readiness says yes). Shutdown runs in reverse: ingestion stops
+and the batchers drain, the pool shuts down, subscribers are flushed and closed with 1001,
+and the backend disconnects last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import health, predictions, readings, sensors
+from app.api.deps import State
+from app.backends import backend_from_url
+from app.config import Settings
+from app.models.base import load_model_class
+from app.pipeline.hub import PredictionHub
+from app.pipeline.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build a fresh app; nothing starts until the lifespan runs."""
+    settings = settings or Settings()
+    # Fail fast, in the parent, on a model path that cannot work.
+    load_model_class(settings.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        async with AsyncExitStack() as stack:
+            backend = backend_from_url(settings.backend)
+            await backend.connect()
+            stack.push_async_callback(backend.disconnect)
+            hub = PredictionHub(
+                backend,
+                history_max_frames=settings.history_max_frames,
+                history_max_age_s=settings.history_max_age_s,
+                subscriber_queue_frames=settings.subscriber_queue_frames,
+                policy=settings.slow_client_policy,
+            )
+            await stack.enter_async_context(hub)
+            pipeline = Pipeline(settings, backend)
+
+            async def drain() -> None:
+                # Graceful stop: refuse readings, finish accepted ones, deliver them, close.
+                await pipeline.stop()
+                await hub.settle(pipeline.publisher.last_seq, settings.shutdown_timeout_s)
+                await hub.close_subscribers(timeout_s=min(5.0, settings.shutdown_timeout_s))
+
+            stack.push_async_callback(drain)
+            await pipeline.start()
+            app.state.drain = drain
+            log.info(
+                "sensorcast %s ready: backend %s, %d workers, model %s",
+                __version__, backend.url, settings.workers, settings.model,
+            )  # fmt: skip
+            yield {"settings": settings, "pipeline": pipeline, "hub": hub}
+
+    app = FastAPI(
+        title="sensorcast",
+        version=__version__,
+        summary="Live predictions on sensor streams.",
+        lifespan=lifespan,
+    )
+    app.state.drain = _nothing_to_drain
+    app.include_router(readings.router)
+    app.include_router(predictions.router)
+    app.include_router(sensors.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _nothing_to_drain() -> None:
+    return None
+
+
+Drain = Callable[[], Awaitable[None]]

@@ -1,0 +1,134 @@
+"""The model Protocol.
+
+A model is a class, named by ``SENSORCAST_MODEL=module:Class``. The service makes one
+instance per sensor, inside the worker process that owns the sensor, and calls it with the
+sensor's readings in order. Fitting happens elsewhere: the instance hands out a picklable
+training job when it wants one, the class's ``fit`` runs it in a trainer process, and the
+result comes back through ``install`` between two batches, so a swap is atomic with respect
+to predictions.
+
+A minimal model::
+
+    class LastValue:
+        def __init__(self, sensor_id: str, channels: tuple[str, ...]) -> None:
+            self.channels, self.version, self.last = channels, 0, None
+
+        def observe(self, ts, values):
+            k, c = values.shape
+            forecast = np.repeat(values[-1:], k, axis=0) if k else values
+            ...
+            return Observation(forecast, score, is_anomaly)
+
+        def training_job(self, now): return None
+        def install(self, fitted): return False
+        @staticmethod
+        def fit(job): raise NotImplementedError
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+
+class Observation(NamedTuple):
+    """What a model says about ``k`` readings of one sensor with ``c`` channels.
+
+    Rows are in the order the readings were given. A row whose ``score`` is NaN is still
+    warming up: the service sends it with ``status: "warming_up"`` and null forecast and score.
+    """
+
+    forecast: FloatArray
+    """(k, c): the forecast of the *next* reading, made after seeing each reading."""
+    score: FloatArray
+    """(k,): anomaly score in [0, 1] of each reading against what the model expected of it."""
+    is_anomaly: BoolArray
+    """(k,)"""
+
+
+@runtime_checkable
+class SensorModel(Protocol):
+    """The model of one sensor."""
+
+    version: int
+    """Rises by one each time a newly fitted model is installed."""
+    channels: tuple[str, ...]
+
+    def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
+        """Score ``k`` readings in order and take them into the window.
+
+        Args:
+            ts: (k,) epoch seconds, as sent (not necessarily increasing).
+            values: (k, c) finite values, columns in ``channels`` order.
+
+        Raises:
+            Exception: any error; the service then retries reading by reading and marks the
+                readings that still fail with ``status: "error"``.
+        """
+        ...
+
+    def training_job(self, now: float) -> Any | None:
+        """A picklable job when the model wants refitting now, else None.
+
+        Called after each ``observe``. Return None again until ``install`` is called: the
+        service does not queue a second job for a sensor with one outstanding.
+        """
+        ...
+
+    def install(self, fitted: Any) -> bool:
+        """Swap in the result of ``fit``; return False to keep the current model."""
+        ...
+
+    def state(self) -> Any:
+        """A picklable snapshot (model and window) for persistence and recovery."""
+        ...
+
+    def restore(self, state: Any) -> None:
+        """Take back a snapshot made by ``state``."""
+        ...
+
+
+class SensorModelClass(Protocol):
+    """The class itself: a constructor and a static ``fit``."""
+
+    def __call__(self, sensor_id: str, channels: tuple[str, ...]) -> SensorModel: ...
+
+    @staticmethod
+    def fit(job: Any) -> Any:
+        """Fit a model from a job made by ``training_job``; runs in a trainer process."""
+        ...
+
+
+class ModelPathError(ValueError):
+    """``SENSORCAST_MODEL`` does not name a usable class."""
+
+
+def load_model_class(path: str) -> SensorModelClass:
+    """Import ``module:Class`` and check that it looks like a model class.
+
+    Raises:
+        ModelPathError: with one line saying what is wrong.
+    """
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelPathError(f"cannot import module {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ModelPathError(f"module {module_name!r} has no attribute {class_name!r}")
+    missing = [
+        name
+        for name in ("observe", "training_job", "install", "state", "restore", "fit")
+        if not callable(getattr(cls, name, None))
+    ]
+    if missing:
+        raise ModelPathError(f"{path} is not a model class: missing {', '.join(missing)}")
+    model_class: SensorModelClass = cls
+    return model_class

@@ -1,0 +1,97 @@
+"""A small, fast model: rolling-mean forecast and z-score anomalies on each channel.
+
+It is the baseline every other model is compared with, and the model that exercises the
+whole pipeline (warm-up, retraining in the trainer pool, hot swap) at almost no cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.models.base import FloatArray, Observation
+
+
+class RollingZScore:
+    """Forecast: mean of the last ``forecast_span`` readings. Score: max |z| over channels.
+
+    ``z`` uses the mean and standard deviation fitted on the last ``history`` readings, so
+    a fit is what ends warm-up. A reading is an anomaly when ``|z| > z_threshold``; the score
+    is ``tanh(|z| / z_threshold)``, about 0.76 at the threshold.
+    """
+
+    history = 256
+    min_history = 16
+    forecast_span = 16
+    retrain_every = 500
+    z_threshold = 4.0
+
+    def __init__(self, sensor_id: str, channels: tuple[str, ...]) -> None:
+        self.sensor_id = sensor_id
+        self.channels = channels
+        self.version = 0
+        self._window = np.empty((0, len(channels)))
+        self._mean: FloatArray | None = None
+        self._std: FloatArray | None = None
+        self._since_job = 0
+        self._pending = False
+
+    def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
+        k = len(values)
+        joined = np.concatenate([self._window, values])
+        self._window = joined[-self.history :]
+        span = self.forecast_span
+        # Mean of the last `span` rows ending at each new row, through a cumulative sum.
+        csum = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1])), joined]), axis=0)
+        ends = np.arange(len(joined) - k + 1, len(joined) + 1)
+        starts = np.maximum(ends - span, 0)
+        forecast = (csum[ends] - csum[starts]) / (ends - starts)[:, None]
+        if self._mean is None or self._std is None:
+            nan = np.full(k, np.nan)
+            return Observation(np.full_like(forecast, np.nan), nan, np.zeros(k, dtype=bool))
+        z = np.abs((values - self._mean) / self._std).max(axis=1)
+        self._since_job += k
+        return Observation(forecast, np.tanh(z / self.z_threshold), z > self.z_threshold)
+
+    def training_job(self, now: float) -> Any | None:
+        if self._pending:
+            return None
+        due = (
+            self._since_job >= self.retrain_every
+            if self._mean is not None
+            else len(self._window) >= self.min_history
+        )
+        if not due:
+            return None
+        self._pending = True
+        self._since_job = 0
+        return self._window.copy()
+
+    def install(self, fitted: Any) -> bool:
+        self._pending = False
+        if fitted is None:
+            return False
+        self._mean, self._std = fitted
+        self.version += 1
+        return True
+
+    @staticmethod
+    def fit(job: Any) -> Any:
+        window: FloatArray = job
+        std = window.std(axis=0)
+        return window.mean(axis=0), np.where(std > 1e-9, std, 1e-9)
+
+    def state(self) -> Any:
+        return {
+            "version": self.version,
+            "window": self._window,
+            "mean": self._mean,
+            "std": self._std,
+        }
+
+    def restore(self, state: Any) -> None:
+        self.version = state["version"]
+        self._window = state["window"]
+        self._mean, self._std = state["mean"], state["std"]
+        self._pending = False

@@ -1,0 +1,1 @@
+"""A reading's life: ingest -> batcher -> inference (process pool) -> publish -> hub."""

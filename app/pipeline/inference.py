@@ -1,0 +1,354 @@
+"""The model stage: worker processes that own shards of the sensors.
+
+Each shard is a ``ProcessPoolExecutor`` with one process. The process keeps the models (and
+so the windows) of the sensors hashed to it, so a batch carries only the new readings, never
+per-sensor state; and since a shard runs one batch at a time, in order, per-sensor order holds.
+Retraining runs in a separate trainer pool, so a slow fit never delays predictions.
+
+The functions at the top run *inside* the worker processes: they are module-level, take and
+return plain picklable values, and never touch the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+import numpy as np
+
+from app.models.base import SensorModel, SensorModelClass, load_model_class
+from app.schemas import Reading
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Inside a worker process
+
+
+class PredictionBody(msgspec.Struct, omit_defaults=True):
+    """A prediction frame without its ``type``, ``seq`` and ``epoch``, added when published."""
+
+    sensor_id: str
+    id: str | None
+    ts: datetime
+    values: dict[str, float]
+    forecast: dict[str, float] | None
+    anomaly_score: float | None
+    is_anomaly: bool
+    status: str
+    model_version: int
+    ingested_at: datetime
+    predicted_at: datetime
+    reason: str | None = None
+
+
+class Prediction(NamedTuple):
+    sensor_id: str
+    is_anomaly: bool
+    body: bytes
+    """JSON object of :class:`PredictionBody`."""
+
+
+class Swap(NamedTuple):
+    sensor_id: str
+    model_version: int
+
+
+class TrainingJob(NamedTuple):
+    shard: int
+    sensor_id: str
+    model_version: int
+    job: Any
+
+
+class BatchResult(NamedTuple):
+    predictions: list[Prediction]
+    """One per reading, in the order the readings were given."""
+    swaps: list[Swap]
+    """Models installed before this batch was scored."""
+    jobs: list[TrainingJob]
+    """Sensors whose model asked to be refitted."""
+
+
+_model_class: SensorModelClass | None = None
+_models: dict[str, SensorModel] = {}
+_encoder = msgspec.json.Encoder()
+_MAX_REASON_CHARS = 200
+
+
+def init_worker(model_path: str) -> None:
+    """Pool initializer: load the model class once per process."""
+    global _model_class
+    _model_class = load_model_class(model_path)
+    _models.clear()
+
+
+def warm() -> int:
+    """A no-op round trip used to start and check a worker; returns its pid."""
+    return os.getpid()
+
+
+def _model_for(sensor_id: str, channels: tuple[str, ...]) -> SensorModel:
+    model = _models.get(sensor_id)
+    if model is not None and model.channels == channels:
+        return model
+    assert _model_class is not None, "init_worker was not called"
+    fresh = _model_class(sensor_id, channels)
+    if model is not None:
+        # A sensor whose channels change starts a new model; versions keep rising.
+        fresh.version = model.version
+    _models[sensor_id] = fresh
+    return fresh
+
+
+def _dt(ts: float, cache: dict[float, datetime]) -> datetime:
+    value = cache.get(ts)
+    if value is None:
+        value = cache[ts] = datetime.fromtimestamp(ts, UTC)
+    return value
+
+
+def _aligned(reading: Reading, channels: tuple[str, ...]) -> tuple[float, ...]:
+    if reading.channels == channels:
+        return reading.values
+    lookup = dict(zip(reading.channels, reading.values, strict=True))
+    return tuple(lookup[name] for name in channels)
+
+
+def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
+    """Split one sensor's readings into runs with the same channel set."""
+    runs: list[list[int]] = []
+    current: frozenset[str] | None = None
+    for i in indices:
+        key = frozenset(readings[i].channels)
+        if key != current:
+            runs.append([])
+            current = key
+        runs[-1].append(i)
+    return runs
+
+
+def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any]:
+    """Rows of (forecast, score, is_anomaly) or an error reason, one per reading."""
+    try:
+        obs = model.observe(ts, values)
+        return list(
+            zip(obs.forecast.tolist(), obs.score.tolist(), obs.is_anomaly.tolist(), strict=True)
+        )
+    except Exception:
+        if len(ts) == 1:
+            raise
+    # Find the readings that fail on their own; the others are scored one by one.
+    rows: list[Any] = []
+    for k in range(len(ts)):
+        try:
+            obs = model.observe(ts[k : k + 1], values[k : k + 1])
+            rows.append((obs.forecast[0].tolist(), float(obs.score[0]), bool(obs.is_anomaly[0])))
+        except Exception as exc:
+            rows.append(_reason(exc))
+    return rows
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"model error: {type(exc).__name__}: {exc}"
+    return text[:_MAX_REASON_CHARS]
+
+
+def run_batch(readings: list[Reading], installs: list[tuple[str, Any]]) -> BatchResult:
+    """Score a batch in this worker: install refitted models, then predict every reading.
+
+    Runs in the shard's worker process. Readings of one sensor are scored in the order given.
+    """
+    swaps: list[Swap] = []
+    for sensor_id, fitted in installs:
+        model = _models.get(sensor_id)
+        if model is not None and model.install(fitted):
+            swaps.append(Swap(sensor_id, model.version))
+
+    by_sensor: dict[str, list[int]] = {}
+    for i, r in enumerate(readings):
+        by_sensor.setdefault(r.sensor_id, []).append(i)
+
+    rows: list[Any] = [None] * len(readings)
+    versions: list[int] = [0] * len(readings)
+    channels_of: list[tuple[str, ...]] = [()] * len(readings)
+    jobs: list[TrainingJob] = []
+    now = time.time()
+    for sensor_id, indices in by_sensor.items():
+        for run in _runs(readings, indices):
+            channels = readings[run[0]].channels
+            model = _model_for(sensor_id, channels)
+            ts = np.fromiter((readings[i].ts for i in run), dtype=np.float64, count=len(run))
+            values = np.array(
+                [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
+            )
+            try:
+                scored = _observe(model, ts, values)
+            except Exception as exc:
+                scored = [_reason(exc)]
+            for i, row in zip(run, scored, strict=True):
+                rows[i] = row
+                versions[i] = model.version
+                channels_of[i] = model.channels
+        try:
+            job = _models[sensor_id].training_job(now)
+        except Exception:
+            job = None
+        if job is not None:
+            jobs.append(TrainingJob(-1, sensor_id, _models[sensor_id].version, job))
+
+    predicted_at = datetime.now(UTC)
+    stamps: dict[float, datetime] = {}
+    predictions: list[Prediction] = []
+    for i, r in enumerate(readings):
+        row = rows[i]
+        channels = channels_of[i]
+        values_out = dict(zip(r.channels, r.values, strict=True))
+        if isinstance(row, str):
+            body = PredictionBody(
+                r.sensor_id, r.id, _dt(r.ts, stamps), values_out, None, None, False,
+                "error", versions[i], _dt(r.ingested_at, stamps), predicted_at, row,
+            )  # fmt: skip
+            anomaly = False
+        else:
+            forecast, score, anomaly = row
+            if score != score:  # NaN: still warming up
+                body = PredictionBody(
+                    r.sensor_id, r.id, _dt(r.ts, stamps), values_out, None, None, False,
+                    "warming_up", versions[i], _dt(r.ingested_at, stamps), predicted_at,
+                )  # fmt: skip
+                anomaly = False
+            else:
+                body = PredictionBody(
+                    r.sensor_id, r.id, _dt(r.ts, stamps), values_out,
+                    dict(zip(channels, forecast, strict=True)), score, anomaly,
+                    "ok", versions[i], _dt(r.ingested_at, stamps), predicted_at,
+                )  # fmt: skip
+        predictions.append(Prediction(r.sensor_id, anomaly, _encoder.encode(body)))
+    return BatchResult(predictions, swaps, jobs)
+
+
+_fit_classes: dict[str, SensorModelClass] = {}
+
+
+def fit_job(model_path: str, job: Any) -> Any:
+    """Run a model's ``fit`` in a trainer process."""
+    cls = _fit_classes.get(model_path)
+    if cls is None:
+        cls = _fit_classes[model_path] = load_model_class(model_path)
+    return cls.fit(job)
+
+
+def export_states() -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Every model of this worker as ``{sensor_id: (channels, state)}``."""
+    return {sid: (m.channels, m.state()) for sid, m in _models.items()}
+
+
+def import_states(states: dict[str, tuple[tuple[str, ...], Any]]) -> int:
+    """Restore models saved by :func:`export_states`; returns how many."""
+    for sensor_id, (channels, state) in states.items():
+        _model_for(sensor_id, channels).restore(state)
+    return len(states)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the service process
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # forkserver: workers never inherit the event loop's threads or sockets, and the model
+    # libraries are imported once in the server process instead of once per worker.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["app.pipeline.inference", "sklearn.linear_model"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class ShardPool:
+    """One single-process executor per shard, plus a trainer pool.
+
+    ``start()`` creates the processes and waits until each has imported the model code, so
+    readiness only says yes once work can really run.
+    """
+
+    def __init__(self, shards: int, trainers: int, model_path: str, start_timeout_s: float) -> None:
+        self.size = shards
+        self._trainers = trainers
+        self._model_path = model_path
+        self._start_timeout_s = start_timeout_s
+        self._executors: list[ProcessPoolExecutor] = []
+        self._trainer: ProcessPoolExecutor | None = None
+        self.ready = False
+
+    def _executor(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=_mp_context(),
+            initializer=init_worker,
+            initargs=(self._model_path,),
+        )
+
+    async def start(self) -> None:
+        if self._executors:
+            return
+        loop = asyncio.get_running_loop()
+        self._executors = [self._executor(1) for _ in range(self.size)]
+        self._trainer = self._executor(self._trainers)
+        warmups = [loop.run_in_executor(ex, warm) for ex in self._executors]
+        warmups += [loop.run_in_executor(self._trainer, warm) for _ in range(self._trainers)]
+        started = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*warmups), self._start_timeout_s)
+        log.info(
+            "process pool ready: %d shard workers, %d trainers, in %.2f s",
+            self.size, self._trainers, time.perf_counter() - started,
+        )  # fmt: skip
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        executors, self._executors = self._executors, []
+        if self._trainer is not None:
+            executors.append(self._trainer)
+            self._trainer = None
+        for ex in executors:
+            ex.shutdown(wait=False, cancel_futures=True)
+        # Join the processes off the loop so shutdown never blocks it.
+        await asyncio.gather(*(asyncio.to_thread(ex.shutdown, True) for ex in executors))
+
+    async def __aenter__(self) -> ShardPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def run_batch(
+        self, shard: int, readings: list[Reading], installs: list[tuple[str, Any]]
+    ) -> asyncio.Future[BatchResult]:
+        """Queue a batch on a shard's worker. Batches of one shard run in submission order."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executors[shard], run_batch, readings, installs)
+
+    async def fit(self, job: Any) -> Any:
+        """Run a training job in the trainer pool."""
+        assert self._trainer is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._trainer, fit_job, self._model_path, job)
+
+    async def export_states(self, shard: int) -> dict[str, tuple[tuple[str, ...], Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executors[shard], export_states)
+
+    async def import_states(
+        self, shard: int, states: dict[str, tuple[tuple[str, ...], Any]]
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executors[shard], import_states, states)

@@ -1,0 +1,168 @@
+"""Admission: deduplication of retried readings and the bounded per-shard queues.
+
+A request is admitted whole or not at all. Everything here is synchronous and runs between
+two awaits, so a request's check-then-enqueue cannot interleave with another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections import deque
+
+from app.schemas import Reading
+
+
+class Overloaded(Exception):
+    """The pipeline cannot take the whole request now (503)."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("the pipeline is full; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class RecentIds:
+    """(sensor_id, id) pairs accepted within the last ``window_s`` seconds, at most ``max_ids``.
+
+    Examples:
+        >>> ids = RecentIds(window_s=60, max_ids=2)
+        >>> ids.add(("a", "1"), now=0.0); ids.add(("a", "2"), now=1.0)
+        >>> ("a", "1") in ids
+        True
+        >>> ids.add(("a", "3"), now=2.0)  # over max_ids: the oldest is forgotten
+        >>> ("a", "1") in ids
+        False
+    """
+
+    def __init__(self, window_s: float, max_ids: int) -> None:
+        self.window_s = window_s
+        self.max_ids = max_ids
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, key: tuple[str, str], now: float) -> None:
+        if self.max_ids == 0:
+            return
+        self._seen[key] = now
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        # dict keeps insertion order, so the oldest entries come first.
+        seen = self._seen
+        horizon = now - self.window_s
+        while seen:
+            key = next(iter(seen))
+            if len(seen) <= self.max_ids and seen[key] >= horizon:
+                break
+            del seen[key]
+
+
+class ShardQueue:
+    """Readings accepted for one shard and not yet published.
+
+    ``capacity`` bounds readings waiting *and* in flight in the worker: a reading leaves the
+    count only once its prediction is published, so a slow model stage fills the queue and
+    POST answers 503 instead of memory growing.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pending = 0
+        """Readings admitted and not yet published."""
+        self._waiting: deque[list[Reading]] = deque()
+        self._waiting_count = 0
+        self.ready = asyncio.Event()
+
+    def free(self) -> int:
+        return self.capacity - self.pending
+
+    def put(self, readings: list[Reading]) -> None:
+        self._waiting.append(readings)
+        self._waiting_count += len(readings)
+        self.pending += len(readings)
+        self.ready.set()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting_count
+
+    def take(self, limit: int) -> list[Reading]:
+        """Up to ``limit`` waiting readings, oldest first."""
+        batch: list[Reading] = []
+        while self._waiting and len(batch) < limit:
+            chunk = self._waiting.popleft()
+            room = limit - len(batch)
+            if len(chunk) > room:
+                self._waiting.appendleft(chunk[room:])
+                chunk = chunk[:room]
+            batch.extend(chunk)
+        self._waiting_count -= len(batch)
+        if not self._waiting:
+            self.ready.clear()
+        return batch
+
+    def done(self, count: int) -> None:
+        self.pending -= count
+
+
+class Ingestor:
+    """Routes readings to shards by sensor and admits requests whole."""
+
+    def __init__(self, queues: list[ShardQueue], recent: RecentIds) -> None:
+        self.queues = queues
+        self.recent = recent
+        self._shard_of: dict[str, int] = {}
+        self.open = True
+
+    def shard_of(self, sensor_id: str) -> int:
+        shard = self._shard_of.get(sensor_id)
+        if shard is None:
+            if len(self._shard_of) > 1_000_000:
+                self._shard_of.clear()
+            shard = zlib.crc32(sensor_id.encode()) % len(self.queues)
+            self._shard_of[sensor_id] = shard
+        return shard
+
+    def offer(self, readings: list[Reading]) -> tuple[int, int]:
+        """Admit a request's readings; return (accepted, duplicates).
+
+        Raises:
+            Overloaded: the service is shutting down or a shard has no room for its share;
+                nothing of the request was taken.
+        """
+        if not self.open:
+            raise Overloaded(retry_after_s=5)
+        now = time.time()
+        recent = self.recent
+        recent.expire(now)
+        fresh: list[Reading] = []
+        keys: set[tuple[str, str]] = set()
+        for r in readings:
+            if r.id is not None:
+                key = (r.sensor_id, r.id)
+                if key in recent or key in keys:
+                    continue
+                keys.add(key)
+            fresh.append(r)
+        per_shard: list[list[Reading]] = [[] for _ in self.queues]
+        if len(self.queues) == 1:
+            per_shard[0] = fresh
+        else:
+            shard_of = self.shard_of
+            for r in fresh:
+                per_shard[shard_of(r.sensor_id)].append(r)
+        for queue, share in zip(self.queues, per_shard, strict=True):
+            if len(share) > queue.free():
+                raise Overloaded(retry_after_s=1)
+        for queue, share in zip(self.queues, per_shard, strict=True):
+            if share:
+                queue.put(share)
+        for key in keys:
+            recent.add(key, now)
+        return len(fresh), len(readings) - len(fresh)

@@ -1,0 +1,111 @@
+"""The whole model stage of one service process, wired: ingest -> batcher -> pool -> publish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.backends.base import Backend
+from app.config import Settings
+from app.pipeline.batcher import Batcher
+from app.pipeline.inference import ShardPool, TrainingJob
+from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
+from app.pipeline.publish import Publisher
+from app.schemas import Reading
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Owns the shard queues, the batchers, the process pool and the trainer tasks.
+
+    ``offer`` admits readings; everything admitted is predicted and published, including
+    during a graceful ``stop``, which refuses new readings first and then drains.
+    """
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.pool = ShardPool(
+            settings.workers,
+            settings.trainer_workers,
+            settings.model,
+            settings.pool_start_timeout_s,
+        )
+        self.queues = [ShardQueue(settings.queue_max_readings) for _ in range(settings.workers)]
+        self.ingestor = Ingestor(
+            self.queues, RecentIds(settings.dedup_window_s, settings.dedup_max_ids)
+        )
+        self.publisher = Publisher(backend)
+        self.batchers = [
+            Batcher(
+                shard,
+                queue,
+                self.pool,
+                self.publisher,
+                max_size=settings.batch_max_size,
+                window_ms=settings.batch_window_ms,
+                in_flight=settings.batches_in_flight,
+                on_job=self._train,
+            )
+            for shard, queue in enumerate(self.queues)
+        ]
+        self._training: set[asyncio.Task[None]] = set()
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.pool.ready and self.ingestor.open
+
+    def offer(self, readings: list[Reading]) -> tuple[int, int]:
+        """Admit a request whole; see :meth:`Ingestor.offer`."""
+        return self.ingestor.offer(readings)
+
+    def pending(self) -> int:
+        return sum(q.pending for q in self.queues)
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        await self.pool.start()
+        for batcher in self.batchers:
+            batcher.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Refuse new readings, drain the accepted ones (bounded by the shutdown timeout)."""
+        if not self.started:
+            return
+        self.ingestor.open = False
+        drains = [b.drain() for b in self.batchers]
+        try:
+            await asyncio.wait_for(asyncio.gather(*drains), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.error("shutdown timeout: %d readings were not predicted", self.pending())
+            await asyncio.gather(*(b.cancel() for b in self.batchers))
+        for task in self._training:
+            task.cancel()
+        await asyncio.gather(*self._training, return_exceptions=True)
+        await self.pool.stop()
+        self.started = False
+
+    async def __aenter__(self) -> Pipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _train(self, job: TrainingJob) -> None:
+        task = asyncio.create_task(self._fit(job), name=f"fit-{job.sensor_id}")
+        self._training.add(task)
+        task.add_done_callback(self._training.discard)
+
+    async def _fit(self, job: TrainingJob) -> None:
+        try:
+            fitted = await self.pool.fit(job.job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("retraining sensor %s failed; keeping its model", job.sensor_id)
+            fitted = None
+        self.batchers[job.shard].install(job.sensor_id, fitted)

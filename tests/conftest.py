@@ -1,0 +1,179 @@
+"""Fixtures: a real ``sensorcast serve`` process on a free loopback port, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A ``sensorcast serve`` subprocess."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws/predictions"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        """Signal the server and wait for it; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(
+    tmp_dir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 90
+) -> Server:
+    """Start the service with ``SENSORCAST_*`` settings from ``env`` and wait until ready."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "SENSORCAST_HOST": "127.0.0.1",
+        "SENSORCAST_PORT": str(port),
+        "SENSORCAST_WORKERS": "2",
+        "SENSORCAST_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    log_path = tmp_dir / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(port, proc, log_path, env or {})
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server not ready in {ready_timeout_s} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with default settings, shared by a test module."""
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers with custom settings; each is stopped at the end of the test."""
+    started: list[Server] = []
+
+    def factory(**env: str) -> Server:
+        srv = start_server(tmp_path, {f"SENSORCAST_{k.upper()}": v for k, v in env.items()})
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        srv.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+async def post(client: httpx.AsyncClient, readings: Any, **kwargs: Any) -> httpx.Response:
+    """POST readings as JSON."""
+    return await client.post("/v1/readings", json=readings, **kwargs)
+
+
+async def receive_json(ws: ClientConnection, timeout_s: float = 10.0) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), timeout_s)
+    message: dict[str, Any] = json.loads(raw)
+    return message
+
+
+async def collect(
+    ws: ClientConnection,
+    count: int,
+    timeout_s: float = 30.0,
+    kinds: tuple[str, ...] = ("prediction",),
+) -> list[dict[str, Any]]:
+    """Receive until ``count`` messages of the given kinds arrived (batched frames unpacked)."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"received {len(out)} of {count} messages")
+        message = await receive_json(ws, remaining)
+        items = message["items"] if message["type"] == "predictions" else [message]
+        out.extend(m for m in items if m["type"] in kinds)
+    return out
+
+
+async def quiet(
+    ws: ClientConnection, seconds: float, kinds: tuple[str, ...] = ("prediction",)
+) -> list[dict[str, Any]]:
+    """Messages of ``kinds`` received within ``seconds`` (to check that nothing else arrives)."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            message = await receive_json(ws, remaining)
+        except TimeoutError:
+            break
+        items = message["items"] if message["type"] == "predictions" else [message]
+        out.extend(m for m in items if m["type"] in kinds)
+    return out
+
+
+def connect(url: str, **kwargs: Any) -> websockets.connect:
+    """A real WebSocket client connection (an async context manager)."""
+    return websockets.connect(url, max_size=None, open_timeout=10, **kwargs)
