@@ -30,6 +30,15 @@ def _default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+class ExecutorKind(StrEnum):
+    """Where the model work runs. Only ``process`` keeps the event loop free; the others
+    exist so the benchmarks can show the difference side by side."""
+
+    process = "process"
+    thread = "thread"
+    inline = "inline"
+
+
 class Settings(BaseSettings):
     """Service settings, validated once at start-up."""
 
@@ -46,6 +55,8 @@ class Settings(BaseSettings):
     """Model worker processes (one shard of the sensors each)."""
     trainer_workers: int = Field(1, ge=1, le=64)
     """Processes that retrain models, apart from the shard workers."""
+    executor: ExecutorKind = ExecutorKind.process
+    """Benchmarks only: ``thread`` or ``inline`` run the model work in the service process."""
     model: str = "app.models.simple:RollingZScore"
     """The model class, as ``module:Class``."""
     model_dir: Path | None = None

@@ -16,13 +16,14 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
 
+from app.config import ExecutorKind
 from app.models.base import SensorModel, SensorModelClass, load_model_class
 from app.schemas import Reading
 
@@ -279,22 +280,38 @@ class ShardPool:
     readiness only says yes once work can really run.
     """
 
-    def __init__(self, shards: int, trainers: int, model_path: str, start_timeout_s: float) -> None:
+    def __init__(
+        self,
+        shards: int,
+        trainers: int,
+        model_path: str,
+        start_timeout_s: float,
+        kind: ExecutorKind = ExecutorKind.process,
+    ) -> None:
         self.size = shards
+        self.kind = kind
         self._trainers = trainers
         self._model_path = model_path
         self._start_timeout_s = start_timeout_s
-        self._executors: list[ProcessPoolExecutor] = []
-        self._trainer: ProcessPoolExecutor | None = None
+        self._executors: list[Executor] = []
+        self._trainer: Executor | None = None
         self.ready = False
 
-    def _executor(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=_mp_context(),
-            initializer=init_worker,
-            initargs=(self._model_path,),
-        )
+    def _executor(self, workers: int) -> Executor:
+        if self.kind is ExecutorKind.process:
+            return ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=_mp_context(),
+                initializer=init_worker,
+                initargs=(self._model_path,),
+            )
+        # Benchmarks only: every shard shares this process's module state, which is safe
+        # because shards own disjoint sensors.
+        if _model_class is None:
+            init_worker(self._model_path)
+        if self.kind is ExecutorKind.thread:
+            return ThreadPoolExecutor(max_workers=workers)
+        return _InlineExecutor()
 
     async def start(self) -> None:
         if self._executors:
@@ -352,3 +369,18 @@ class ShardPool:
     ) -> int:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executors[shard], import_states, states)
+
+
+class _InlineExecutor(Executor):
+    """Runs each call at once on the calling thread: the event loop blocks for its duration.
+
+    Exists only so the benchmarks can measure what offloading saves.
+    """
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future

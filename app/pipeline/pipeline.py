@@ -30,6 +30,7 @@ class Pipeline:
             settings.trainer_workers,
             settings.model,
             settings.pool_start_timeout_s,
+            settings.executor,
         )
         self.queues = [ShardQueue(settings.queue_max_readings) for _ in range(settings.workers)]
         self.ingestor = Ingestor(
