@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     """How long the batcher waits for more readings before sending a partial batch."""
     batches_in_flight: int = Field(2, ge=1, le=16)
     """Batches a shard may have queued in its worker at once (pipelining)."""
+    checkpoint_interval_s: float = Field(5.0, gt=0)
+    """How often each shard's models are checkpointed in the service process, so a worker
+    that dies can be rebuilt exactly (the batches since are replayed)."""
+    checkpoint_max_readings: int = Field(200_000, ge=1)
+    """Checkpoint sooner when this many readings went through a shard since the last one."""
     dedup_window_s: float = Field(600.0, ge=0)
     dedup_max_ids: int = Field(1_000_000, ge=0)
 

@@ -23,7 +23,17 @@ async def readyz(pipeline: PipelineDep, hub: HubDep) -> JSONResponse:
         "backend": await hub.backend.ping(),
     }
     ready = all(checks.values())
+    pool = pipeline.pool
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
+        {
+            "status": "ready" if ready else "not ready",
+            "checks": checks,
+            "pool": {
+                "shard_pids": pool.pids,
+                "shards_healthy": pool.healthy,
+                "trainer_pids": pool.trainer_pids,
+                "rebuilds": pool.rebuilds,
+            },
+        },
         status_code=200 if ready else 503,
     )

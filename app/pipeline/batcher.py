@@ -1,19 +1,32 @@
 """Drain a shard's queue into batches by size or deadline, run them, publish in order.
 
-Each shard has two tasks. The collector waits for readings, gives stragglers
-``batch_window_ms`` to join, and queues the batch on the shard's worker; up to
-``batches_in_flight`` batches may be queued there at once, so the worker never waits for the
-service process between two batches. The deliverer awaits the batches in the order they were
-queued and publishes their predictions, so per-sensor order holds end to end.
+One task per shard does it all, which keeps order and recovery simple. It takes waiting
+readings (giving stragglers ``batch_window_ms`` to join a batch that is not full), queues
+the batch on the shard's worker, and keeps up to ``batches_in_flight`` batches queued there so
+the worker never waits for this process between two batches. Results are published in the
+order the batches were queued, so per-sensor order holds end to end.
+
+Nothing accepted is lost when a worker process dies. Every few seconds the task asks the
+worker for a checkpoint of its models (queued like a batch, so it reflects exactly the batches
+before it) and keeps the batches completed since then. When the worker dies, the shard is
+rebuilt, given the checkpoint, replayed the batches since (models take the readings in; no
+prediction is published twice), and the batches that were in flight run again in order. A
+batch that kills its worker again is split in halves until the reading responsible is
+alone; that reading gets ``status: "error"`` and the others are predicted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import BrokenExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
+
+import msgspec
 
 from app.pipeline.inference import (
     BatchResult,
@@ -21,12 +34,18 @@ from app.pipeline.inference import (
     PredictionBody,
     ShardPool,
     TrainingJob,
+    export_states,
+    import_states,
+    run_batch,
 )
 from app.pipeline.ingest import ShardQueue
 from app.pipeline.publish import Publisher
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
+
+States = dict[str, tuple[tuple[str, ...], Any]]
+WORKER_DIED = "the worker process died on this reading"
 
 
 def error_predictions(readings: list[Reading], reason: str) -> list[Prediction]:
@@ -38,8 +57,6 @@ def error_predictions(readings: list[Reading], reason: str) -> list[Prediction]:
         >>> b'"status":"error"' in p.body and b'"reason":"boom"' in p.body
         True
     """
-    import msgspec
-
     now = datetime.now(UTC)
     encoder = msgspec.json.Encoder()
     out = []
@@ -51,6 +68,14 @@ def error_predictions(readings: list[Reading], reason: str) -> list[Prediction]:
         )  # fmt: skip
         out.append(Prediction(r.sensor_id, False, encoder.encode(body)))
     return out
+
+
+class _Batch(NamedTuple):
+    readings: list[Reading]
+    installs: list[tuple[str, Any]]
+    future: asyncio.Future[Any]
+    checkpoint: bool = False
+    """A checkpoint request rather than a batch: ``future`` yields the worker's states."""
 
 
 class Batcher:
@@ -67,6 +92,8 @@ class Batcher:
         window_ms: float,
         in_flight: int,
         on_job: Callable[[TrainingJob], None],
+        checkpoint_interval_s: float = 5.0,
+        checkpoint_max_readings: int = 200_000,
     ) -> None:
         self.shard = shard
         self.queue = queue
@@ -74,14 +101,23 @@ class Batcher:
         self.publisher = publisher
         self.max_size = max_size
         self.window_s = window_ms / 1000
+        self.in_flight = in_flight
         self.on_job = on_job
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.checkpoint_max_readings = checkpoint_max_readings
         self.installs: list[tuple[str, Any]] = []
-        self._in_flight: asyncio.Queue[tuple[list[Reading], asyncio.Future[BatchResult]] | None] = (
-            asyncio.Queue(maxsize=in_flight)
-        )
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._pending: deque[_Batch] = deque()
+        # Recovery state: the last checkpoint and the batches completed since.
+        self._checkpoint: States = {}
+        self._since_checkpoint: list[tuple[list[Reading], list[tuple[str, Any]]]] = []
+        self._since_checkpoint_readings = 0
+        self._checkpoint_asked = False
+        self._last_checkpoint = time.monotonic()
         self.batches = 0
+        self.recoveries = 0
+        self.poisoned = 0
 
     def install(self, sensor_id: str, fitted: Any) -> None:
         """Send a refitted model to the worker with the next batch (an empty one if idle)."""
@@ -89,27 +125,28 @@ class Batcher:
         self.queue.ready.set()
 
     def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._collect(), name=f"collect-{self.shard}"),
-                asyncio.create_task(self._deliver(), name=f"deliver-{self.shard}"),
-            ]
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.shard}")
 
     async def drain(self) -> None:
         """Finish every reading already queued, then stop."""
         self._closing = True
         self.queue.ready.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _collect(self) -> None:
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
         queue = self.queue
-        try:
-            while True:
+        pending = self._pending
+        while True:
+            if not pending:
                 while not queue.waiting and not self.installs:
                     if self._closing:
                         return
@@ -117,29 +154,145 @@ class Batcher:
                     await queue.ready.wait()
                 if queue.waiting < self.max_size and self.window_s > 0 and not self._closing:
                     await asyncio.sleep(self.window_s)
-                readings = queue.take(self.max_size)
-                installs, self.installs = self.installs, []
-                future = self.pool.run_batch(self.shard, readings, installs)
-                self.batches += 1
-                await self._in_flight.put((readings, future))
-        finally:
-            await self._in_flight.put(None)
+            while len(pending) < self.in_flight and (queue.waiting or self.installs):
+                self._submit(queue.take(self.max_size))
+            self._maybe_checkpoint()
+            head = pending[0].future
+            if len(pending) < self.in_flight and not queue.waiting:
+                # Wake for the head's result or for new readings, whichever comes first.
+                queue.ready.clear()
+                more = asyncio.ensure_future(queue.ready.wait())
+                await asyncio.wait((head, more), return_when=asyncio.FIRST_COMPLETED)
+                more.cancel()
+            else:
+                await asyncio.wait((head,))
+            if head.done():
+                await self._complete(pending.popleft())
 
-    async def _deliver(self) -> None:
+    def _submit(self, readings: list[Reading]) -> None:
+        installs, self.installs = self.installs, []
+        future = self.pool.submit(self.shard, run_batch, readings, installs)
+        self._pending.append(_Batch(readings, installs, future))
+        self.batches += 1
+
+    def _maybe_checkpoint(self) -> None:
+        if self._checkpoint_asked:
+            return
+        due = (
+            self._since_checkpoint_readings >= self.checkpoint_max_readings
+            or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
+        )
+        if due and self._since_checkpoint:
+            self._checkpoint_asked = True
+            future = self.pool.submit(self.shard, export_states)
+            self._pending.append(_Batch([], [], future, checkpoint=True))
+
+    async def _complete(self, batch: _Batch) -> None:
+        try:
+            outcome = batch.future.result()
+        except BrokenExecutor:
+            await self._recover(batch)
+            return
+        except Exception as exc:
+            # Not a dead worker: something in the batch itself (say, it could not be
+            # pickled). Its readings get error predictions; the shard carries on.
+            log.exception("shard %d: batch of %d readings failed", self.shard, len(batch.readings))
+            outcome = BatchResult(
+                error_predictions(batch.readings, f"model stage failed: {type(exc).__name__}"),
+                [],
+                [],
+            )
+        if batch.checkpoint:
+            self._took_checkpoint(outcome)
+            return
+        self._since_checkpoint.append((batch.readings, batch.installs))
+        self._since_checkpoint_readings += len(batch.readings)
+        await self._publish(batch.readings, outcome)
+
+    def _took_checkpoint(self, states: States) -> None:
+        self._checkpoint = states
+        self._since_checkpoint = []
+        self._since_checkpoint_readings = 0
+        self._checkpoint_asked = False
+        self._last_checkpoint = time.monotonic()
+
+    async def _publish(self, readings: list[Reading], result: BatchResult) -> None:
+        try:
+            await self.publisher.publish(result.predictions, result.swaps)
+        finally:
+            self.queue.done(len(readings))
+        for job in result.jobs:
+            self.on_job(job._replace(shard=self.shard))
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    async def _recover(self, failed: _Batch) -> None:
+        """The worker died: rebuild it, restore its models, rerun what was in flight."""
+        started = time.perf_counter()
+        self.recoveries += 1
+        in_flight = [failed, *self._pending]
+        self._pending.clear()
+        # Every later future fails too (the process is gone); let them settle.
+        await asyncio.gather(*(b.future for b in in_flight), return_exceptions=True)
+        log.warning(
+            "shard %d: worker died with %d batches (%d readings) in flight; recovering",
+            self.shard,
+            sum(not b.checkpoint for b in in_flight),
+            sum(len(b.readings) for b in in_flight),
+        )
+        await self._restore()
+        for batch in in_flight:
+            if batch.checkpoint:
+                self._checkpoint_asked = False
+                continue
+            result = await self._run_isolating(batch.readings, batch.installs)
+            await self._publish(batch.readings, result)
+        log.warning("shard %d: recovered in %.2f s", self.shard, time.perf_counter() - started)
+
+    async def _restore(self) -> None:
+        """A fresh worker with the last checkpoint and every batch completed since."""
         while True:
-            item = await self._in_flight.get()
-            if item is None:
+            await self.pool.rebuild(self.shard)
+            try:
+                if self._checkpoint:
+                    await self.pool.submit(self.shard, import_states, self._checkpoint)
+                for readings, installs in self._since_checkpoint:
+                    await self.pool.submit(self.shard, run_batch, readings, installs, True)
                 return
-            readings, future = item
-            try:
-                result = await future
-            except Exception as exc:
-                log.exception("shard %d: batch of %d readings failed", self.shard, len(readings))
-                reason = f"model stage failed: {type(exc).__name__}"
-                result = BatchResult(error_predictions(readings, reason), [], [])
-            try:
-                await self.publisher.publish(result.predictions, result.swaps)
-            finally:
-                self.queue.done(len(readings))
-            for job in result.jobs:
-                self.on_job(job._replace(shard=self.shard))
+            except BrokenExecutor:
+                # The replay killed it (a model that dies on its own state): start over
+                # from the checkpoint rather than lose the shard.
+                log.error("shard %d: worker died while restoring; retrying", self.shard)
+
+    async def _run_isolating(
+        self, readings: list[Reading], installs: list[tuple[str, Any]]
+    ) -> BatchResult:
+        """Run a batch on a fresh worker; if it dies again, split to find the reading.
+
+        Whatever the worker completes is added to the replay log here, so a later restore
+        replays exactly what the worker had seen.
+        """
+        try:
+            result: BatchResult = await self.pool.submit(self.shard, run_batch, readings, installs)
+        except BrokenExecutor:
+            await self._restore()
+        else:
+            self._since_checkpoint.append((readings, installs))
+            self._since_checkpoint_readings += len(readings)
+            return result
+        if len(readings) <= 1:
+            self.poisoned += len(readings)
+            log.error(
+                "shard %d: a reading of sensor %s killed its worker twice; it gets an error",
+                self.shard,
+                readings[0].sensor_id if readings else "?",
+            )
+            return BatchResult(error_predictions(readings, WORKER_DIED), [], [])
+        half = len(readings) // 2
+        first = await self._run_isolating(readings[:half], installs)
+        second = await self._run_isolating(readings[half:], [])
+        return BatchResult(
+            first.predictions + second.predictions,
+            first.swaps + second.swaps,
+            first.jobs + second.jobs,
+        )

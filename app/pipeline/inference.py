@@ -16,9 +16,16 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -28,6 +35,8 @@ from app.models.base import SensorModel, SensorModelClass, load_model_class
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Inside a worker process
@@ -162,10 +171,14 @@ def _reason(exc: BaseException) -> str:
     return text[:_MAX_REASON_CHARS]
 
 
-def run_batch(readings: list[Reading], installs: list[tuple[str, Any]]) -> BatchResult:
+def run_batch(
+    readings: list[Reading], installs: list[tuple[str, Any]], replay: bool = False
+) -> BatchResult:
     """Score a batch in this worker: install refitted models, then predict every reading.
 
     Runs in the shard's worker process. Readings of one sensor are scored in the order given.
+    With ``replay`` (rebuilding a replaced worker's state) the models take the readings in
+    but nothing is encoded and no training is asked for: those predictions were published.
     """
     swaps: list[Swap] = []
     for sensor_id, fitted in installs:
@@ -198,6 +211,8 @@ def run_batch(readings: list[Reading], installs: list[tuple[str, Any]]) -> Batch
                 rows[i] = row
                 versions[i] = model.version
                 channels_of[i] = model.channels
+        if replay:
+            continue
         try:
             job = _models[sensor_id].training_job(now)
         except Exception:
@@ -205,6 +220,8 @@ def run_batch(readings: list[Reading], installs: list[tuple[str, Any]]) -> Batch
         if job is not None:
             jobs.append(TrainingJob(-1, sensor_id, _models[sensor_id].version, job))
 
+    if replay:
+        return BatchResult([], swaps, [])
     predicted_at = datetime.now(UTC)
     stamps: dict[float, datetime] = {}
     predictions: list[Prediction] = []
@@ -277,7 +294,9 @@ class ShardPool:
     """One single-process executor per shard, plus a trainer pool.
 
     ``start()`` creates the processes and waits until each has imported the model code, so
-    readiness only says yes once work can really run.
+    readiness only says yes once work can really run. A shard whose process dies is rebuilt
+    by :meth:`rebuild`; each rebuild bumps the shard's ``generation`` so callers can tell a
+    future of the dead process from one of its successor.
     """
 
     def __init__(
@@ -295,7 +314,17 @@ class ShardPool:
         self._start_timeout_s = start_timeout_s
         self._executors: list[Executor] = []
         self._trainer: Executor | None = None
-        self.ready = False
+        self.generation = [0] * shards
+        self.healthy = [False] * shards
+        self.pids: list[int | None] = [None] * shards
+        self.trainer_pids: list[int] = []
+        self.rebuilds = 0
+        self._started = False
+
+    @property
+    def ready(self) -> bool:
+        """True when every shard and the trainer pool can take work."""
+        return self._started and all(self.healthy)
 
     def _executor(self, workers: int) -> Executor:
         if self.kind is ExecutorKind.process:
@@ -314,23 +343,54 @@ class ShardPool:
         return _InlineExecutor()
 
     async def start(self) -> None:
-        if self._executors:
+        if self._started:
             return
-        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         self._executors = [self._executor(1) for _ in range(self.size)]
         self._trainer = self._executor(self._trainers)
-        warmups = [loop.run_in_executor(ex, warm) for ex in self._executors]
-        warmups += [loop.run_in_executor(self._trainer, warm) for _ in range(self._trainers)]
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*warmups), self._start_timeout_s)
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(self._warm_shard(shard) for shard in range(self.size)), self._warm_trainer()
+            ),
+            self._start_timeout_s,
+        )
+        self._started = True
         log.info(
             "process pool ready: %d shard workers, %d trainers, in %.2f s",
             self.size, self._trainers, time.perf_counter() - started,
         )  # fmt: skip
-        self.ready = True
+
+    async def _warm_shard(self, shard: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.pids[shard] = await loop.run_in_executor(self._executors[shard], warm)
+        self.healthy[shard] = True
+
+    async def _warm_trainer(self) -> None:
+        assert self._trainer is not None
+        loop = asyncio.get_running_loop()
+        pids = await asyncio.gather(
+            *(loop.run_in_executor(self._trainer, warm) for _ in range(self._trainers))
+        )
+        self.trainer_pids = sorted(set(pids))
+
+    async def rebuild(self, shard: int) -> None:
+        """Replace a shard's (dead) process with a fresh, warmed one. Its models start empty."""
+        self.healthy[shard] = False
+        started = time.perf_counter()
+        old = self._executors[shard]
+        old.shutdown(wait=False, cancel_futures=True)
+        self._executors[shard] = self._executor(1)
+        self.generation[shard] += 1
+        self.rebuilds += 1
+        await asyncio.wait_for(self._warm_shard(shard), self._start_timeout_s)
+        log.warning(
+            "shard %d: worker process replaced (pid %s) in %.2f s",
+            shard, self.pids[shard], time.perf_counter() - started,
+        )  # fmt: skip
 
     async def stop(self) -> None:
-        self.ready = False
+        self._started = False
+        self.healthy = [False] * self.size
         executors, self._executors = self._executors, []
         if self._trainer is not None:
             executors.append(self._trainer)
@@ -347,28 +407,51 @@ class ShardPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def submit(self, shard: int, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a call on a shard's worker; calls on one shard run in submission order.
+
+        A call on a broken shard returns a future that fails with ``BrokenExecutor`` rather
+        than raising here, so every failure reaches the caller the same way.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(self._executors[shard], fn, *args)
+        except BrokenExecutor as exc:
+            failed: asyncio.Future[T] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+
     def run_batch(
         self, shard: int, readings: list[Reading], installs: list[tuple[str, Any]]
     ) -> asyncio.Future[BatchResult]:
         """Queue a batch on a shard's worker. Batches of one shard run in submission order."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executors[shard], run_batch, readings, installs)
+        return self.submit(shard, run_batch, readings, installs)
 
     async def fit(self, job: Any) -> Any:
-        """Run a training job in the trainer pool."""
-        assert self._trainer is not None
+        """Run a training job in the trainer pool; a dead trainer is replaced once."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._trainer, fit_job, self._model_path, job)
+        for attempt in range(2):
+            trainer = self._trainer
+            assert trainer is not None
+            try:
+                return await loop.run_in_executor(trainer, fit_job, self._model_path, job)
+            except BrokenExecutor:
+                if attempt:
+                    raise
+                if self._trainer is trainer:
+                    log.warning("trainer pool broken; replacing it")
+                    trainer.shutdown(wait=False, cancel_futures=True)
+                    self._trainer = self._executor(self._trainers)
+                    await self._warm_trainer()
+        raise AssertionError("unreachable")
 
     async def export_states(self, shard: int) -> dict[str, tuple[tuple[str, ...], Any]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executors[shard], export_states)
+        return await self.submit(shard, export_states)
 
     async def import_states(
         self, shard: int, states: dict[str, tuple[tuple[str, ...], Any]]
     ) -> int:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executors[shard], import_states, states)
+        return await self.submit(shard, import_states, states)
 
 
 class _InlineExecutor(Executor):

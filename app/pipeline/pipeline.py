@@ -47,6 +47,8 @@ class Pipeline:
                 window_ms=settings.batch_window_ms,
                 in_flight=settings.batches_in_flight,
                 on_job=self._train,
+                checkpoint_interval_s=settings.checkpoint_interval_s,
+                checkpoint_max_readings=settings.checkpoint_max_readings,
             )
             for shard, queue in enumerate(self.queues)
         ]

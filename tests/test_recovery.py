@@ -1,0 +1,229 @@
+"""No accepted reading lost: worker crashes, poison readings, graceful shutdown under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections import defaultdict
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import Server, collect, connect, receive_json
+from tests.models import POISON
+
+
+class Load:
+    """Posts batches of uniquely numbered readings until stopped; remembers what was accepted."""
+
+    def __init__(self, client: httpx.AsyncClient, sensors: int = 40, batch: int = 200) -> None:
+        self.client = client
+        self.sensors = sensors
+        self.batch = batch
+        self.accepted: list[int] = []
+        self.refused = 0
+        self.statuses: dict[int, int] = defaultdict(int)
+        self._next = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, pause_s: float = 0.005) -> None:
+        while not self._stop.is_set():
+            ids = list(range(self._next, self._next + self.batch))
+            self._next += self.batch
+            body = [
+                {"sensor_id": f"s{i % self.sensors}", "value": float(i % 7), "id": str(i)}
+                for i in ids
+            ]
+            try:
+                r = await self.client.post("/v1/readings", json=body)
+            except httpx.TransportError:
+                self.refused += 1  # the server is gone (after a shutdown)
+                await asyncio.sleep(0.05)
+                continue
+            self.statuses[r.status_code] += 1
+            if r.status_code == 202:
+                assert r.json() == {"accepted": len(ids), "duplicates": 0}
+                self.accepted.extend(ids)
+            else:
+                assert r.status_code == 503, r.text
+                assert r.headers.get("retry-after")
+                self.refused += 1
+            await asyncio.sleep(pause_s)
+
+
+class Receiver:
+    """Collects every prediction of one subscriber (batched frames unpacked)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.predictions: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self._arrived = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            async for raw in self.ws:
+                message = json.loads(raw)
+                items = message["items"] if message["type"] == "predictions" else [message]
+                self.predictions.extend(m for m in items if m["type"] == "prediction")
+                self._arrived.set()
+        except ConnectionClosed:
+            pass
+        rcvd = self.ws.protocol.close_rcvd
+        self.close_code = rcvd.code if rcvd is not None else None
+
+    async def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.predictions) < count and (left := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+
+def check_exactly_once_in_order(accepted: list[int], predictions: list[dict[str, Any]]) -> None:
+    ids = [int(p["id"]) for p in predictions]
+    assert len(ids) == len(set(ids)), "a reading was predicted twice"
+    missing = set(accepted) - set(ids)
+    assert not missing, f"{len(missing)} accepted readings never predicted"
+    assert set(ids) == set(accepted)
+    per_sensor: dict[str, list[int]] = defaultdict(list)
+    for p in predictions:
+        per_sensor[p["sensor_id"]].append(int(p["id"]))
+    for sensor, seen in per_sensor.items():
+        assert seen == sorted(seen), f"{sensor}: predictions out of order"
+
+
+async def readyz(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.get("/readyz")
+
+
+async def test_killed_worker_is_rebuilt_and_nothing_accepted_is_lost(server_factory) -> None:
+    """SIGKILL a shard worker under load: accepted == predicted, once each, in order."""
+    srv: Server = server_factory(checkpoint_interval_s="0.5")
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+        connect(f"{srv.ws_url}?batch=true") as ws,
+    ):
+        await receive_json(ws)
+        before = (await readyz(client)).json()["pool"]
+        load, receiver = Load(client), Receiver(ws)
+        tasks = [asyncio.create_task(load.run()), asyncio.create_task(receiver.run())]
+        await asyncio.sleep(2.0)
+        victim = before["shard_pids"][0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        saw_not_ready = False
+        while True:
+            r = await readyz(client)
+            if r.status_code == 503:
+                saw_not_ready = True
+            elif r.json()["pool"]["rebuilds"] >= 1:
+                break
+            assert time.monotonic() - killed_at < 30, "never ready again"
+            await asyncio.sleep(0.01)
+        recovery_s = time.monotonic() - killed_at
+        await asyncio.sleep(1.5)
+        load.stop()
+        await tasks[0]
+        await receiver.wait_for(len(load.accepted), timeout_s=30)
+        after = r.json()["pool"]
+        tasks[1].cancel()
+    in_flight = [line for line in srv.log().splitlines() if "in flight" in line]
+    print(
+        f"\nworker kill -> ready in {recovery_s * 1000:.0f} ms "
+        f"(503 seen: {saw_not_ready}); {len(load.accepted)} accepted, "
+        f"{load.refused} refused requests; {in_flight[-1] if in_flight else ''}"
+    )
+    assert after["shard_pids"][0] != victim and after["rebuilds"] == 1
+    check_exactly_once_in_order(load.accepted, receiver.predictions)
+    # The sensors' models were restored, not restarted: no sensor went back to warming up.
+    seen_ok: set[str] = set()
+    for p in receiver.predictions:
+        if p["status"] == "ok":
+            seen_ok.add(p["sensor_id"])
+        elif p["sensor_id"] in seen_ok:
+            raise AssertionError(f"{p['sensor_id']} went back to {p['status']} after recovery")
+
+
+async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(server_factory) -> None:
+    """A reading that kills its worker every time gets status error; its neighbours don't."""
+    srv: Server = server_factory(model="tests.models:Poisoned", workers="1")
+    body = [{"sensor_id": f"p{i % 5}", "value": float(i), "id": str(i)} for i in range(300)]
+    body[137]["value"] = POISON
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+        connect(srv.ws_url) as ws,
+    ):
+        await receive_json(ws)
+        r = await client.post("/v1/readings", json=body)
+        assert r.status_code == 202
+        got = await collect(ws, 300, timeout_s=60)
+        ready = await readyz(client)
+    by_id = {int(p["id"]): p for p in got}
+    assert sorted(by_id) == list(range(300))
+    assert by_id[137]["status"] == "error"
+    assert "worker process died" in by_id[137]["reason"]
+    assert all(p["status"] != "error" for i, p in by_id.items() if i != 137)
+    assert ready.status_code == 200 and ready.json()["pool"]["rebuilds"] >= 2
+
+
+async def test_killed_trainer_is_replaced(server_factory) -> None:
+    """SIGKILL the trainer: new sensors still get fitted models (leave warm-up)."""
+    srv: Server = server_factory(workers="1")
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+        connect(f"{srv.ws_url}?sensor=t-*") as ws,
+    ):
+        await receive_json(ws)
+        [trainer] = (await readyz(client)).json()["pool"]["trainer_pids"]
+        os.kill(trainer, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 30
+        status = "warming_up"
+        i = 0
+        while status != "ok":
+            assert time.monotonic() < deadline, "no model was fitted after the trainer died"
+            await client.post(
+                "/v1/readings", json=[{"sensor_id": "t-1", "value": float(i % 3)}] * 20
+            )
+            got = await collect(ws, 20)
+            status = got[-1]["status"]
+            i += 1
+        pool = (await readyz(client)).json()["pool"]
+    assert pool["trainer_pids"] != [trainer]
+
+
+async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory) -> None:
+    """SIGTERM under load: 503 for new readings, every accepted one delivered, 1001, exit 0."""
+    srv: Server = server_factory()
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+        connect(f"{srv.ws_url}?batch=true") as ws,
+    ):
+        await receive_json(ws)
+        load, receiver = Load(client, batch=500), Receiver(ws)
+        tasks = [asyncio.create_task(load.run(0.0)), asyncio.create_task(receiver.run())]
+        await asyncio.sleep(1.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(tasks[1], 60)  # ends when the server closes the socket
+        load.stop()
+        await tasks[0]
+        code = await asyncio.to_thread(srv.proc.wait, 60)
+    print(
+        f"\nSIGTERM -> exit in {time.monotonic() - stopped_at:.2f} s; "
+        f"{len(load.accepted)} accepted, statuses {dict(load.statuses)}"
+    )
+    assert receiver.close_code == 1001
+    assert code == 0
+    assert len(load.accepted) > 0
+    check_exactly_once_in_order(load.accepted, receiver.predictions)
