@@ -119,7 +119,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield factory
     for srv in started:
-        srv.stop(signal.SIGKILL)
+        srv.stop(timeout_s=15)
 
 
 @pytest.fixture

@@ -227,3 +227,35 @@ async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory
     assert code == 0
     assert len(load.accepted) > 0
     check_exactly_once_in_order(load.accepted, receiver.predictions)
+
+
+async def test_workers_never_outlive_a_killed_service(server_factory) -> None:
+    """SIGKILL the service (after one worker was replaced): its workers exit by themselves."""
+    srv: Server = server_factory()
+    async with httpx.AsyncClient(base_url=srv.url) as client:
+        first = (await readyz(client)).json()["pool"]["shard_pids"][0]
+        os.kill(first, signal.SIGKILL)
+        # A batch finds the dead worker and the shard is rebuilt.
+        while (r := await readyz(client)).status_code != 200 or r.json()["pool"]["rebuilds"] < 1:
+            await client.post(
+                "/v1/readings", json=[{"sensor_id": f"k{i}", "value": 1} for i in range(50)]
+            )
+            await asyncio.sleep(0.05)
+        pool = r.json()["pool"]
+    pids = [*pool["shard_pids"], *pool["trainer_pids"]]
+    srv.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        alive = [pid for pid in pids if _alive(pid)]
+    assert not alive, f"workers {alive} outlived the service"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"

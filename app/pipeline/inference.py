@@ -15,6 +15,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import select
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import (
@@ -93,11 +95,34 @@ _encoder = msgspec.json.Encoder()
 _MAX_REASON_CHARS = 200
 
 
-def init_worker(model_path: str) -> None:
-    """Pool initializer: load the model class once per process."""
+def init_worker(model_path: str, service_pid: int | None = None) -> None:
+    """Pool initializer: load the model class once per process.
+
+    With ``service_pid``, the worker exits as soon as that process is gone, even when it
+    was killed without a chance to shut the pool down: a worker never outlives its service.
+    """
     global _model_class
     _model_class = load_model_class(model_path)
     _models.clear()
+    if service_pid is not None:
+        threading.Thread(
+            target=_exit_with, args=(service_pid,), name="exit-with-service", daemon=True
+        ).start()
+
+
+def _exit_with(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        # No pidfd (old kernel or another OS): poll instead.
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
 
 
 def warm() -> int:
@@ -332,7 +357,7 @@ class ShardPool:
                 max_workers=workers,
                 mp_context=_mp_context(),
                 initializer=init_worker,
-                initargs=(self._model_path,),
+                initargs=(self._model_path, os.getpid()),
             )
         # Benchmarks only: every shard shares this process's module state, which is safe
         # because shards own disjoint sensors.
