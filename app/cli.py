@@ -55,8 +55,6 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     _configure_logging(settings.log_level)
-    if settings.backend.startswith("redis"):
-        return _fail("SENSORCAST_BACKEND: the Redis backend is not available yet; use memory://")
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -134,7 +132,10 @@ def worker(args: argparse.Namespace) -> int:
             "SENSORCAST_BACKEND: the worker role needs a shared backend (redis://...); "
             "with memory:// the serve command runs the workers itself"
         )
-    return _fail("SENSORCAST_BACKEND: the Redis backend is not available yet")
+    _configure_logging(settings.log_level)
+    from app.worker import run_worker
+
+    return asyncio.run(run_worker(settings))
 
 
 def subscribe(args: argparse.Namespace) -> int:

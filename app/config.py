@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     """The model class, as ``module:Class``."""
     model_dir: Path | None = None
 
+    # Scale-out on Redis
+    partitions: int = Field(16, ge=1, le=4096)
+    """Redis streams the readings are spread over; a sensor always goes to the same one.
+    Every API replica and worker must agree on it."""
+    lease_ttl_s: float = Field(5.0, gt=0.1)
+    """How long a dead worker's partitions wait before another worker takes them over."""
+    redis_timeout_s: float = Field(2.0, gt=0)
+    """Bound on a Redis call: past it, POST answers 503 and /readyz says not ready."""
+
     # Pipeline
     queue_max_readings: int = Field(100_000, ge=1)
     """Readings accepted but not yet predicted, per shard; beyond it POST answers 503."""

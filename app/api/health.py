@@ -17,23 +17,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Ready for work: the pool and backend can take readings")
 async def readyz(pipeline: PipelineDep, hub: HubDep) -> JSONResponse:
-    checks = {
-        "pool": pipeline.pool.ready,
-        "accepting": pipeline.ingestor.open,
-        "backend": await hub.backend.ping(),
-    }
+    backend = await hub.backend.ping()
+    checks = {**(await pipeline.checks() if backend else {}), "backend": backend}
     ready = all(checks.values())
-    pool = pipeline.pool
     return JSONResponse(
         {
             "status": "ready" if ready else "not ready",
             "checks": checks,
-            "pool": {
-                "shard_pids": pool.pids,
-                "shards_healthy": pool.healthy,
-                "trainer_pids": pool.trainer_pids,
-                "rebuilds": pool.rebuilds,
-            },
+            "pool": pipeline.describe(),
         },
         status_code=200 if ready else 503,
     )

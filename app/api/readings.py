@@ -98,7 +98,7 @@ async def post_readings(request: Request, pipeline: PipelineDep, settings: Setti
     if not readings:
         return _error(422, "the request holds no readings")
     try:
-        accepted, duplicates = pipeline.offer(readings)
+        accepted, duplicates = await pipeline.offer(readings)
     except Overloaded as exc:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
     return JSONResponse({"accepted": accepted, "duplicates": duplicates}, status_code=202)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.backends.base import Backend
 
 
-def backend_from_url(url: str | Backend) -> Backend:
+def backend_from_url(url: str | Backend, *, timeout_s: float = 2.0) -> Backend:
     """Make the backend a URL names; a ready backend object is returned as it is.
 
     The implementation is imported only when its scheme is asked for, so ``redis`` stays an
@@ -22,7 +22,13 @@ def backend_from_url(url: str | Backend) -> Backend:
 
         return MemoryBackend(url)
     if scheme in {"redis", "rediss"}:
-        raise ValueError(f"backend {url!r}: the Redis backend is not available yet; use memory://")
+        try:
+            from app.backends.redis import RedisBackend
+        except ImportError:
+            raise ValueError(
+                f"backend {url!r} needs the redis extra: pip install 'sensorcast[redis]'"
+            ) from None
+        return RedisBackend(url, timeout_s=timeout_s)
     raise ValueError(f"unknown backend scheme {scheme!r} in {url!r}: use memory:// or redis://")
 
 

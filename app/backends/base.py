@@ -6,13 +6,18 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
+Numbered = tuple[int, bytes]
+"""A published payload and the ``seq`` of its first message."""
+
 
 @runtime_checkable
 class Backend(Protocol):
-    """Publish/subscribe on named channels, plus the sequence numbers of the message stream.
+    """A numbered log of payloads per channel, with live subscriptions.
 
-    ``seq`` and ``epoch`` live in the backend so that every API replica numbers messages the
-    same way and a subscriber can resume on any of them.
+    ``publish`` numbers the messages of a payload atomically with appending it, so ``seq``
+    rises strictly in the order every subscriber sees, whichever process published. ``epoch``
+    names the numbering; it changes when the numbering restarts (a fresh memory backend, a
+    Redis that lost its data).
     """
 
     url: str
@@ -25,20 +30,21 @@ class Backend(Protocol):
         """Close connections; idempotent."""
         ...
 
-    async def publish(self, channel: str, payload: bytes) -> None:
-        """Deliver ``payload`` to every current subscriber of ``channel``, in publish order."""
+    async def publish(self, channel: str, payload: bytes, count: int) -> int:
+        """Append ``payload``, holding ``count`` messages, to ``channel``; return its first seq."""
         ...
 
-    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Receive every payload published on ``channel`` from now on."""
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[Numbered]]:
+        """Receive every payload published on ``channel`` from now on, in order."""
         ...
 
-    async def reserve_seq(self, count: int) -> int:
-        """Reserve ``count`` consecutive sequence numbers; return the first."""
+    async def recent(self, channel: str, max_messages: int) -> list[Numbered]:
+        """Payloads already published, oldest first, holding about ``max_messages`` at most
+        (empty where the backend keeps no log: the subscriber's own history covers it)."""
         ...
 
     async def epoch(self) -> str:
-        """The identity of the current numbering; it changes when numbering restarts."""
+        """The identity of the current numbering."""
         ...
 
     async def ping(self) -> bool:

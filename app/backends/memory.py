@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from app.backends.base import Numbered
+
 
 class MemoryBackend:
     """Channels are sets of unbounded asyncio queues, one per subscription.
@@ -18,7 +20,7 @@ class MemoryBackend:
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._channels: dict[str, set[asyncio.Queue[bytes]]] = {}
+        self._channels: dict[str, set[asyncio.Queue[Numbered]]] = {}
         self._next_seq = 1
         # Sortable and unique: a restart always changes the epoch.
         self._epoch = f"{int(time.time()):x}-{secrets.token_hex(4)}"
@@ -29,16 +31,19 @@ class MemoryBackend:
     async def disconnect(self) -> None:
         self._channels.clear()
 
-    async def publish(self, channel: str, payload: bytes) -> None:
+    async def publish(self, channel: str, payload: bytes, count: int) -> int:
+        first = self._next_seq
+        self._next_seq += count
         for queue in self._channels.get(channel, ()):
-            queue.put_nowait(payload)
+            queue.put_nowait((first, payload))
+        return first
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[Numbered]]:
+        queue: asyncio.Queue[Numbered] = asyncio.Queue()
         self._channels.setdefault(channel, set()).add(queue)
 
-        async def payloads() -> AsyncIterator[bytes]:
+        async def payloads() -> AsyncIterator[Numbered]:
             while True:
                 yield await queue.get()
 
@@ -47,10 +52,8 @@ class MemoryBackend:
         finally:
             self._channels.get(channel, set()).discard(queue)
 
-    async def reserve_seq(self, count: int) -> int:
-        first = self._next_seq
-        self._next_seq += count
-        return first
+    async def recent(self, channel: str, max_messages: int) -> list[Numbered]:
+        return []
 
     async def epoch(self) -> str:
         return self._epoch

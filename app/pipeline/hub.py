@@ -21,7 +21,7 @@ from typing import Any
 
 from app.backends.base import Backend
 from app.config import SlowClientPolicy
-from app.pipeline.publish import CHANNEL, Message, decode_envelope
+from app.pipeline.publish import CHANNEL, Message, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,14 @@ class PredictionHub:
 
     async def _listen(self) -> None:
         async with self.backend.subscribe(CHANNEL) as payloads:
+            # What the backend kept (Redis) fills the history, so resumes work on a replica
+            # that has just started.
+            for first, payload in await self.backend.recent(CHANNEL, self.history_max_frames):
+                self.dispatch(decode_batch(first, payload, self.epoch))
             self._listening.set()
-            async for payload in payloads:
+            async for first, payload in payloads:
                 try:
-                    self.dispatch(decode_envelope(payload))
+                    self.dispatch(decode_batch(first, payload, self.epoch))
                 except Exception:
                     log.exception("dropping a malformed message batch")
 

@@ -18,6 +18,7 @@ import os
 import select
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import (
     BrokenExecutor,
@@ -292,6 +293,25 @@ def fit_job(model_path: str, job: Any) -> Any:
 def export_states() -> dict[str, tuple[tuple[str, ...], Any]]:
     """Every model of this worker as ``{sensor_id: (channels, state)}``."""
     return {sid: (m.channels, m.state()) for sid, m in _models.items()}
+
+
+def export_partition_states(
+    partition: int, partitions: int
+) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """The models of one Redis partition's sensors (see ``app/backends/redis.py``)."""
+    return {
+        sid: (m.channels, m.state())
+        for sid, m in _models.items()
+        if zlib.crc32(sid.encode()) % partitions == partition
+    }
+
+
+def drop_partition(partition: int, partitions: int) -> int:
+    """Forget the models of a partition this worker no longer owns; returns how many."""
+    gone = [sid for sid in _models if zlib.crc32(sid.encode()) % partitions == partition]
+    for sid in gone:
+        del _models[sid]
+    return len(gone)
 
 
 def import_states(states: dict[str, tuple[tuple[str, ...], Any]]) -> int:

@@ -17,8 +17,8 @@ from app.schemas import Reading
 class Overloaded(Exception):
     """The pipeline cannot take the whole request now (503)."""
 
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("the pipeline is full; retry later")
+    def __init__(self, retry_after_s: int, reason: str = "the pipeline is full") -> None:
+        super().__init__(f"{reason}; retry later")
         self.retry_after_s = retry_after_s
 
 

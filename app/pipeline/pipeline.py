@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from app.backends.base import Backend
 from app.config import Settings
@@ -59,9 +60,22 @@ class Pipeline:
     def ready(self) -> bool:
         return self.started and self.pool.ready and self.ingestor.open
 
-    def offer(self, readings: list[Reading]) -> tuple[int, int]:
+    async def offer(self, readings: list[Reading]) -> tuple[int, int]:
         """Admit a request whole; see :meth:`Ingestor.offer`."""
         return self.ingestor.offer(readings)
+
+    async def checks(self) -> dict[str, bool]:
+        return {"pool": self.pool.ready, "accepting": self.ingestor.open}
+
+    def describe(self) -> dict[str, Any]:
+        pool = self.pool
+        return {
+            "role": "embedded",
+            "shard_pids": pool.pids,
+            "shards_healthy": pool.healthy,
+            "trainer_pids": pool.trainer_pids,
+            "rebuilds": pool.rebuilds,
+        }
 
     def pending(self) -> int:
         return sum(q.pending for q in self.queues)

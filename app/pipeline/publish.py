@@ -1,8 +1,10 @@
-"""Stamp predictions with ``seq`` and ``epoch`` and publish them on the backend.
+"""Publish each batch's messages on the backend, and turn them into frames on the way out.
 
-Frames are encoded here, once: the worker already made each prediction's JSON body, so a
-frame is that body with ``type``, ``seq`` and ``epoch`` spliced in front. Subscribers on any
-API replica receive the same bytes.
+The worker already made each prediction's JSON body. A batch travels as one payload: the
+bodies and what the hub needs to route them (kind, sensor, anomaly flag). The backend numbers
+the batch atomically with appending it (``seq`` of its first message), so ``seq`` rises in
+the order every API replica sees. The hub of each replica then makes each frame once, by
+splicing ``type``, ``seq`` and ``epoch`` in front of the body.
 """
 
 from __future__ import annotations
@@ -30,56 +32,68 @@ class Message(NamedTuple):
     """The whole JSON text frame."""
 
 
-_envelope = msgspec.msgpack.Encoder()
-_unenvelope = msgspec.msgpack.Decoder(list[tuple[int, str, str, bool, str]])
+Body = tuple[str, str, bool, bytes]
+"""(kind, sensor_id, is_anomaly, JSON object without type/seq/epoch)."""
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]])
 
 
-def encode_envelope(messages: list[Message]) -> bytes:
-    """Pack a batch of messages for the backend (one publish per batch)."""
-    return _envelope.encode(messages)
+def encode_batch(bodies: list[Body]) -> bytes:
+    """Pack a batch of message bodies for the backend (one publish per batch)."""
+    return _encoder.encode(bodies)
 
 
-def decode_envelope(payload: bytes) -> list[Message]:
-    return [Message(*m) for m in _unenvelope.decode(payload)]
+def decode_batch(first_seq: int, payload: bytes, epoch: str) -> list[Message]:
+    """Number a published batch and make its frames.
+
+    Examples:
+        >>> payload = encode_batch([("prediction", "a", False, b'{"sensor_id":"a"}')])
+        >>> decode_batch(7, payload, "e1")[0].frame
+        '{"type":"prediction","seq":7,"epoch":"e1","sensor_id":"a"}'
+    """
+    head = '{"type":"%s","seq":%d,"epoch":"' + epoch + '",'
+    out: list[Message] = []
+    seq = first_seq
+    for kind, sensor_id, is_anomaly, body in _decoder.decode(payload):
+        out.append(
+            Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
+        )
+        seq += 1
+    return out
+
+
+def batch_bodies(predictions: list[Prediction], swaps: list[Swap]) -> list[Body]:
+    """Model swaps first (they happened before the batch was scored), then predictions."""
+    bodies: list[Body] = []
+    if swaps:
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z").encode()
+        for swap in swaps:
+            body = b'{"sensor_id":"%s","model_version":%d,"swapped_at":"%s"}' % (
+                swap.sensor_id.encode(),
+                swap.model_version,
+                now,
+            )
+            bodies.append(("model", swap.sensor_id, False, body))
+    bodies.extend(("prediction", p.sensor_id, p.is_anomaly, p.body) for p in predictions)
+    return bodies
 
 
 class Publisher:
-    """Numbers and publishes each batch's messages, in the order batches are handed in."""
+    """Publishes each batch's messages, in the order batches are handed in."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._epoch: bytes | None = None
         self.published = 0
         self.last_seq = 0
         """The highest seq published so far."""
 
     async def publish(self, predictions: list[Prediction], swaps: list[Swap]) -> int:
-        """Publish a batch: model swaps first (they happened before its scoring), then
-        predictions. Returns the number of messages."""
-        count = len(predictions) + len(swaps)
-        if count == 0:
+        """Publish a batch; returns the number of messages."""
+        bodies = batch_bodies(predictions, swaps)
+        if not bodies:
             return 0
-        if self._epoch is None:
-            self._epoch = (await self.backend.epoch()).encode()
-        epoch = self._epoch
-        seq = await self.backend.reserve_seq(count)
-        messages: list[Message] = []
-        if swaps:
-            now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-            for swap in swaps:
-                frame = (
-                    b'{"type":"model","seq":%d,"epoch":"%s","sensor_id":"%s",'
-                    b'"model_version":%d,"swapped_at":"%s"}'
-                    % (seq, epoch, swap.sensor_id.encode(), swap.model_version, now.encode())
-                )
-                messages.append(Message(seq, "model", swap.sensor_id, False, frame.decode()))
-                seq += 1
-        head = b'{"type":"prediction","seq":%d,"epoch":"' + epoch + b'",'
-        for p in predictions:
-            frame = (head % seq) + p.body[1:]
-            messages.append(Message(seq, "prediction", p.sensor_id, p.is_anomaly, frame.decode()))
-            seq += 1
-        await self.backend.publish(CHANNEL, encode_envelope(messages))
-        self.published += count
-        self.last_seq = seq - 1
-        return count
+        first = await self.backend.publish(CHANNEL, encode_batch(bodies), len(bodies))
+        self.published += len(bodies)
+        self.last_seq = first + len(bodies) - 1
+        return len(bodies)

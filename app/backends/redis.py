@@ -1,0 +1,325 @@
+"""The Redis backend: durable ingestion on Streams, numbered fan-out, partition leases.
+
+Keys, all under a prefix (``sensorcast:`` by default):
+
+- ``readings:{p}``: a stream per partition; a sensor's readings always go to the same
+  partition (crc32 of its id), so per-sensor order holds. One entry per request and
+  partition: the readings packed with msgpack, and a mask of the ones that were duplicates.
+- ``backlog:{p}``: readings accepted and not yet predicted; ingestion refuses (503) a request
+  that would push a partition past ``queue_max_readings``.
+- ``dedup:{sensor}|{id}``: remembered for ``dedup_window_s``.
+- ``predictions``: a capped stream of published batches, each with ``s`` (its first seq),
+  ``n`` (its message count) and ``b`` (the bodies). Every API replica reads it.
+- ``seq``, ``epoch``: the numbering. ``epoch`` is created once; a Redis that lost its data
+  makes a new one.
+- ``lease:{p}``, ``workers``, ``ckpt:{p}``: which worker owns which partition, who is alive,
+  and each partition's model checkpoint (see ``app/worker.py``).
+
+Every write that must be whole is a Lua script, so it is atomic: a request is admitted whole or
+not at all, and a batch's predictions are numbered, appended and acknowledged together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.backends.base import Numbered
+from app.schemas import Reading
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+PREDICTIONS_MAXLEN = 100_000
+"""Batches kept in the predictions stream (approximate trimming)."""
+
+# KEYS: none (single-node Redis); ARGV: prefix, ttl_s, capacity, nchunks,
+# then per chunk: partition, payload, nkeys, key... ("" for a reading without id).
+# Returns {accepted, duplicates} or {-1, 0} when a partition is full.
+_INGEST = """
+local prefix, ttl, cap, nchunks = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
+local chunks, seen, fresh_keys = {}, {}, {}
+local total = 0
+for c = 1, nchunks do
+  local p, payload, nk = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  local mask, fresh = {}, 0
+  for k = 1, nk do
+    local key = ARGV[i]
+    i = i + 1
+    local dup = false
+    if key ~= '' then
+      if seen[key] or redis.call('EXISTS', prefix .. 'dedup:' .. key) == 1 then
+        dup = true
+      else
+        fresh_keys[#fresh_keys + 1] = key
+      end
+      seen[key] = true
+    end
+    if dup then mask[k] = '1' else mask[k] = '0'; fresh = fresh + 1 end
+  end
+  total = total + nk
+  chunks[c] = {p, payload, table.concat(mask), fresh}
+end
+for c = 1, nchunks do
+  local ch = chunks[c]
+  local backlog = tonumber(redis.call('GET', prefix .. 'backlog:' .. ch[1]) or '0')
+  if ch[4] > 0 and backlog + ch[4] > cap then return {-1, 0} end
+end
+if ttl > 0 then
+  for _, key in ipairs(fresh_keys) do
+    redis.call('SET', prefix .. 'dedup:' .. key, '1', 'EX', ttl)
+  end
+end
+local accepted = 0
+for c = 1, nchunks do
+  local ch = chunks[c]
+  if ch[4] > 0 then
+    redis.call('XADD', prefix .. 'readings:' .. ch[1], '*', 'r', ch[2], 'm', ch[3])
+    redis.call('INCRBY', prefix .. 'backlog:' .. ch[1], ch[4])
+    accepted = accepted + ch[4]
+  end
+end
+return {accepted, total - accepted}
+"""
+
+# ARGV: prefix, maxlen, count, payload. Returns the first seq.
+_PUBLISH = """
+local prefix, maxlen, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local first = redis.call('INCRBY', prefix .. 'seq', count) - count + 1
+redis.call('XADD', prefix .. 'predictions', 'MAXLEN', '~', maxlen, '*',
+           's', first, 'n', count, 'b', ARGV[4])
+return first
+"""
+
+# Publish a worker's batch and acknowledge its readings, fenced by the partition lease.
+# ARGV: prefix, maxlen, count, payload, partition, owner, nreadings, id...
+# Returns the first seq (0 when nothing was published), or -1 when the lease is not ours.
+_PUBLISH_ACK = """
+local prefix, maxlen, count, p, owner = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6]
+if redis.call('GET', prefix .. 'lease:' .. p) ~= owner then return -1 end
+local first = 0
+if count > 0 then
+  first = redis.call('INCRBY', prefix .. 'seq', count) - count + 1
+  redis.call('XADD', prefix .. 'predictions', 'MAXLEN', '~', maxlen, '*',
+             's', first, 'n', count, 'b', ARGV[4])
+end
+local ids = {}
+for k = 8, #ARGV do ids[#ids + 1] = ARGV[k] end
+if #ids > 0 then
+  redis.call('XACK', prefix .. 'readings:' .. p, 'workers', unpack(ids))
+end
+redis.call('DECRBY', prefix .. 'backlog:' .. p, tonumber(ARGV[7]))
+return first
+"""
+
+_readings_encoder = msgspec.msgpack.Encoder()
+_readings_decoder = msgspec.msgpack.Decoder(list[Reading])
+
+
+def partition_of(sensor_id: str, partitions: int) -> int:
+    """The partition a sensor's readings go to.
+
+    Examples:
+        >>> partition_of("pump-7", 16) == partition_of("pump-7", 16)
+        True
+    """
+    return zlib.crc32(sensor_id.encode()) % partitions
+
+
+def decode_readings(payload: bytes, mask: bytes) -> list[Reading]:
+    """The readings of a stream entry, less the ones that were duplicates."""
+    readings = _readings_decoder.decode(payload)
+    if b"1" not in mask:
+        return readings
+    keep = ord("0")
+    return [r for r, flag in zip(readings, mask, strict=True) if flag == keep]
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer in time."""
+
+
+class RedisBackend:
+    """The shared backend for API replicas and workers."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sensorcast:",
+        timeout_s: float = 2.0,
+        predictions_maxlen: int = PREDICTIONS_MAXLEN,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.predictions_maxlen = predictions_maxlen
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+        )
+        # Blocking reads hold a connection for up to a second: give them their own.
+        self.reader: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s
+        )
+        self._ingest = self.client.register_script(_INGEST)
+        self._publish = self.client.register_script(_PUBLISH)
+        self._publish_ack = self.client.register_script(_PUBLISH_ACK)
+        self._epoch: str | None = None
+        self._start_ids: dict[str, bytes] = {}
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    async def connect(self) -> None:
+        # Redis may not be up yet (compose starts services together): don't fail start-up,
+        # readiness says no until it answers.
+        try:
+            await self.epoch()
+        except RedisError as exc:
+            log.warning("Redis at %s not reachable yet: %s", self.url, exc)
+
+    async def disconnect(self) -> None:
+        await self.client.aclose()
+        await self.reader.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), self.timeout_s))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def epoch(self) -> str:
+        fresh = f"{int(time.time()):x}-{secrets.token_hex(4)}"
+        await self.client.set(self.key("epoch"), fresh, nx=True)
+        value = await self.client.get(self.key("epoch"))
+        self._epoch = value.decode() if isinstance(value, bytes) else str(value)
+        return self._epoch
+
+    async def publish(self, channel: str, payload: bytes, count: int) -> int:
+        first = await self._publish(args=[self.prefix, self.predictions_maxlen, count, payload])
+        return int(first)
+
+    async def publish_and_ack(
+        self,
+        payload: bytes,
+        count: int,
+        partition: int,
+        owner: str,
+        readings: int,
+        entry_ids: Sequence[bytes | str],
+    ) -> int:
+        """Publish a worker's batch and acknowledge its stream entries, atomically.
+
+        Returns the first seq, 0 when the batch had no messages, or -1 when ``owner`` no
+        longer holds the partition's lease (nothing was written).
+        """
+        args: list[Any] = [
+            self.prefix, self.predictions_maxlen, count, payload, partition, owner, readings,
+            *entry_ids,
+        ]  # fmt: skip
+        return int(await self._publish_ack(args=args))
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[Numbered]]:
+        stream = self.key(channel)
+        last = await self._last_id(stream)
+        self._start_ids[channel] = last
+
+        async def payloads() -> AsyncIterator[Numbered]:
+            nonlocal last
+            delay = 0.1
+            while True:
+                try:
+                    response: Any = await self.reader.xread({stream: last}, count=100, block=1000)
+                    delay = 0.1
+                except (RedisError, OSError) as exc:
+                    log.warning("reading %s: %s; retrying in %.1f s", stream, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                for _stream, entries in response or ():
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        yield int(fields[b"s"]), fields[b"b"]
+
+        yield payloads()
+
+    async def recent(self, channel: str, max_messages: int) -> list[Numbered]:
+        stream = self.key(channel)
+        end = self._start_ids.get(channel) or await self._last_id(stream)
+        if end == b"0-0" or max_messages <= 0:
+            return []
+        out: list[Numbered] = []
+        total = 0
+        upper: bytes | str = end
+        while total < max_messages:
+            entries: Any = await self.client.xrevrange(stream, max=upper, min="-", count=200)
+            if upper != end:
+                entries = [e for e in entries if e[0] != upper]
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                out.append((int(fields[b"s"]), fields[b"b"]))
+                total += int(fields[b"n"])
+                upper = entry_id
+            if len(entries) < 199:
+                break
+        out.reverse()
+        return out
+
+    async def live_workers(self, ttl_s: float) -> int:
+        """Workers that sent a heartbeat within ``ttl_s``."""
+        try:
+            since = int((time.time() - ttl_s) * 1000)
+            return int(await self.client.zcount(self.key("workers"), since, "+inf"))
+        except (RedisError, OSError):
+            return 0
+
+    async def _last_id(self, stream: str) -> bytes:
+        entries = await self.client.xrevrange(stream, count=1)
+        return cast(bytes, entries[0][0]) if entries else b"0-0"
+
+    async def offer(
+        self,
+        readings: list[Reading],
+        *,
+        partitions: int,
+        capacity: int,
+        dedup_ttl_s: float,
+    ) -> tuple[int, int] | None:
+        """Append a request's readings to their partitions, whole or not at all.
+
+        Returns (accepted, duplicates), or None when a partition has no room.
+
+        Raises:
+            RedisUnavailable: Redis did not answer within the timeout.
+        """
+        chunks: dict[int, list[Reading]] = {}
+        for r in readings:
+            chunks.setdefault(partition_of(r.sensor_id, partitions), []).append(r)
+        args: list[Any] = [self.prefix, int(dedup_ttl_s), capacity, len(chunks)]
+        for p, chunk in chunks.items():
+            args += [p, _readings_encoder.encode(chunk), len(chunk)]
+            args += ["" if r.id is None else f"{r.sensor_id}|{r.id}" for r in chunk]
+        try:
+            accepted, duplicates = await asyncio.wait_for(self._ingest(args=args), self.timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from None
+        if accepted < 0:
+            return None
+        return int(accepted), int(duplicates)
