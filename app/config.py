@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     # Request limits
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_readings_per_request: int = Field(10_000, ge=1)
+    max_pending_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Request bodies held in memory at once (being received or parsed); beyond it, 503."""
+    max_channels: int = Field(32, ge=1, le=32)
+    """Named values per reading (``values``); the contract's ceiling is 32."""
+    max_sensor_id_chars: int = Field(128, ge=1, le=128)
+    max_reading_id_chars: int = Field(128, ge=1, le=128)
 
     # Subscriptions
     history_max_frames: int = Field(100_000, ge=0)
@@ -102,8 +108,15 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
 
     # Access
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    """``KEY[:SCOPE+SCOPE]`` entries, comma-separated; see ``app/api/auth.py``."""
+    api_keys_file: Path | None = None
+    """More keys, one entry per line."""
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to open the WebSocket, besides the service's own; ``*`` any."""
+    rate_limit_per_s: float = Field(0.0, ge=0)
+    """Requests per second per API key (0: no limit); beyond it, 429."""
+    rate_limit_burst: int = Field(20, ge=1)
 
     # Lifecycle
     shutdown_timeout_s: float = Field(30.0, ge=0)
@@ -114,6 +127,46 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: list[str]) -> list[str]:
+        from app.api.auth import parse_key_entry
+
+        for number, entry in enumerate(value, start=1):
+            try:
+                parse_key_entry(entry)
+            except ValueError as exc:
+                # Name the entry by position: the message must never repeat a key.
+                raise ValueError(f"entry {number}: {exc}") from None
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_api_keys_file(cls, value: Path | None) -> Path | None:
+        from app.api.auth import read_keys_file
+
+        if value is not None:
+            read_keys_file(value)
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        from app.api.auth import normalise_origin
+
+        for origin in value:
+            if origin != "*":
+                normalise_origin(origin)
+        return value
+
+    @field_validator("max_pending_body_bytes")
+    @classmethod
+    def _check_pending_bodies(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_body_bytes")
+        if largest is not None and value < largest:
+            raise ValueError(f"must be at least max_body_bytes ({largest})")
         return value
 
     @field_validator("backend")

@@ -15,12 +15,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, predictions, readings, sensors
+from app.api import errors, health, predictions, readings, sensors
+from app.api.auth import Guard, Scope, require
 from app.api.deps import Ingest, State
 from app.backends import backend_from_url
 from app.config import Settings
 from app.models.base import load_model_class
 from app.pipeline.hub import PredictionHub
+from app.pipeline.ingest import BodyBudget
 from app.pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Fail fast, in the parent, on a model path that cannot work.
     load_model_class(settings.model)
+    guard = Guard.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        guard.on_startup()
         async with AsyncExitStack() as stack:
             backend = backend_from_url(settings.backend, timeout_s=settings.redis_timeout_s)
             await backend.connect()
@@ -83,9 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.drain = _nothing_to_drain
+    app.state.guard = guard
+    app.state.bodies = BodyBudget(settings.max_pending_body_bytes)
+    errors.install(app)
     app.include_router(readings.router)
     app.include_router(predictions.router)
-    app.include_router(sensors.router)
+    app.include_router(sensors.router, dependencies=[require(Scope.subscribe)])
     app.include_router(health.router)
     return app
 

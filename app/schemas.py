@@ -21,8 +21,11 @@ SENSOR_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 CHANNEL_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 MAX_CHANNELS = 32
 MAX_ID_CHARS = 128
+"""The contract's ceilings; the settings in :class:`Limits` may only lower them."""
 # Epoch seconds beyond this are almost certainly milliseconds or nanoseconds sent by mistake.
 MAX_EPOCH_S = 1e11
+# Longer integer literals would hit Python's int-from-string digit limit (a ValueError).
+_MAX_INT_DIGITS = 300
 
 SensorId = Annotated[str, msgspec.Meta(pattern=SENSOR_ID_PATTERN)]
 ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_PATTERN)]
@@ -56,6 +59,18 @@ class Reading(NamedTuple):
     ingested_at: float
 
 
+class Limits(NamedTuple):
+    """Per-reading limits from the settings, checked after msgspec has enforced the
+    contract's ceilings (which keep the schema and the fast path in C)."""
+
+    max_channels: int = MAX_CHANNELS
+    max_sensor_id_chars: int = MAX_ID_CHARS
+    max_reading_id_chars: int = MAX_ID_CHARS
+
+
+CONTRACT_LIMITS = Limits()
+
+
 class ItemError(msgspec.Struct):
     """What is wrong with one item of a request."""
 
@@ -84,8 +99,18 @@ _single = msgspec.json.Decoder(ReadingIn | list[ReadingIn])
 _ndjson_line = msgspec.json.Decoder(ReadingIn)
 
 
-def _normalise(index: int, item: ReadingIn, now: float) -> Reading | ItemError:
+def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Reading | ItemError:
     """Check what the type system cannot and flatten to a :class:`Reading`."""
+    if len(item.sensor_id) > limits.max_sensor_id_chars:
+        return ItemError(index, "sensor_id", f"at most {limits.max_sensor_id_chars} characters")
+    rid = item.id
+    if rid is not None:
+        if len(rid) > limits.max_reading_id_chars:
+            return ItemError(index, "id", f"at most {limits.max_reading_id_chars} characters")
+        # Control characters and lone surrogates would reach subscribers' terminals, and a
+        # lone surrogate cannot be encoded as UTF-8 at all.
+        if not rid.isprintable():
+            return ItemError(index, "id", "only printable characters (no control characters)")
     if (item.value is None) == (item.values is None):
         return ItemError(index, "value", "exactly one of 'value' or 'values' is required")
     if item.values is None:
@@ -96,6 +121,8 @@ def _normalise(index: int, item: ReadingIn, now: float) -> Reading | ItemError:
         channels: tuple[str, ...] = VALUE_CHANNELS
         values: tuple[float, ...] = (value,)
     else:
+        if len(item.values) > limits.max_channels:
+            return ItemError(index, "values", f"at most {limits.max_channels} channels")
         channels = tuple(item.values)
         values = tuple(item.values.values())
         for name, v in item.values.items():
@@ -104,15 +131,16 @@ def _normalise(index: int, item: ReadingIn, now: float) -> Reading | ItemError:
     ts = item.ts
     if ts is None:
         stamp = now
-    elif isinstance(ts, datetime):
-        stamp = ts.timestamp()
     else:
-        if not math.isfinite(ts) or ts < 0 or ts > MAX_EPOCH_S:
+        stamp = ts.timestamp() if isinstance(ts, datetime) else float(ts)
+        # Readings outside the epoch-seconds range would break datetime conversions later on.
+        if not 0 <= stamp <= MAX_EPOCH_S:
             return ItemError(
-                index, "ts", "epoch seconds must be between 0 and 1e11 (not milliseconds)"
+                index,
+                "ts",
+                "must be between 1970 and 5138: RFC 3339, or epoch seconds (not milliseconds)",
             )
-        stamp = float(ts)
-    return Reading(item.sensor_id, item.id, stamp, channels, values, now)
+    return Reading(item.sensor_id, rid, stamp, channels, values, now)
 
 
 def _field_of(error: msgspec.ValidationError) -> tuple[str, str]:
@@ -133,7 +161,12 @@ def _reject_constant(name: str) -> float:
     return math.nan
 
 
-def _slow_path(items: list[Any], now: float) -> list[Reading]:
+def _parse_int(literal: str) -> int | float:
+    # A float stands in for a huge literal: it becomes infinity, reported per item as 422.
+    return int(literal) if len(literal) <= _MAX_INT_DIGITS else float(literal)
+
+
+def _slow_path(items: list[Any], now: float, limits: Limits) -> list[Reading]:
     """Validate item by item, collecting one error per bad item."""
     readings: list[Reading] = []
     errors: list[ItemError] = []
@@ -147,7 +180,7 @@ def _slow_path(items: list[Any], now: float) -> list[Reading]:
             field, reason = _field_of(exc)
             errors.append(ItemError(index, field, reason))
             continue
-        result = _normalise(index, item, now)
+        result = _normalise(index, item, now, limits)
         if isinstance(result, ItemError):
             errors.append(result)
         else:
@@ -157,20 +190,31 @@ def _slow_path(items: list[Any], now: float) -> list[Reading]:
     return readings
 
 
-def _loads_lenient(text: bytes | str) -> Any:
-    """The standard library's parser, which keeps 1e999 and NaN so they can be named per item."""
+def _loads_lenient(text: bytes, what: str = "body", line: bool = False) -> Any:
+    """The standard library's parser, which keeps 1e999 and NaN so they can be named per item.
+
+    Raises:
+        BodyError: naming where the text stops being JSON; never another exception.
+    """
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
-        raise BodyError(
-            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except (RecursionError, UnicodeDecodeError) as exc:
-        raise BodyError(f"body is not valid JSON: {type(exc).__name__}") from None
+        where = f"column {exc.colno}" if line else f"line {exc.lineno} column {exc.colno}"
+        raise BodyError(f"{what} is not valid JSON: {exc.msg} at {where}") from None
+    except RecursionError:
+        raise BodyError(f"{what} is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise BodyError(f"{what} is not UTF-8 text") from None
+    except ValueError:
+        raise BodyError(f"{what} is not valid JSON") from None
 
 
-def parse_json(body: bytes, *, max_items: int, now: float | None = None) -> list[Reading]:
+def parse_json(
+    body: bytes, *, max_items: int, limits: Limits = CONTRACT_LIMITS, now: float | None = None
+) -> list[Reading]:
     """Parse a JSON body: one reading or an array of readings.
+
+    Only the three exceptions below can come out, whatever the bytes.
 
     Raises:
         BodyError: the body is not JSON.
@@ -189,7 +233,7 @@ def parse_json(body: bytes, *, max_items: int, now: float | None = None) -> list
         readings: list[Reading] = []
         errors: list[ItemError] = []
         for index, item in enumerate(items):
-            result = _normalise(index, item, now)
+            result = _normalise(index, item, now, limits)
             if isinstance(result, ItemError):
                 errors.append(result)
             else:
@@ -201,10 +245,12 @@ def parse_json(body: bytes, *, max_items: int, now: float | None = None) -> list
     raw_items = raw if isinstance(raw, list) else [raw]
     if len(raw_items) > max_items:
         raise TooLarge(f"{len(raw_items)} readings in one request; the limit is {max_items}")
-    return _slow_path(raw_items, now)
+    return _slow_path(raw_items, now, limits)
 
 
-def parse_ndjson(body: bytes, *, max_items: int, now: float | None = None) -> list[Reading]:
+def parse_ndjson(
+    body: bytes, *, max_items: int, limits: Limits = CONTRACT_LIMITS, now: float | None = None
+) -> list[Reading]:
     """Parse an NDJSON body: one reading per line; blank lines are ignored.
 
     A line that is not JSON is a 400 naming the line; a JSON line that is not a valid reading
@@ -215,26 +261,22 @@ def parse_ndjson(body: bytes, *, max_items: int, now: float | None = None) -> li
     if len(lines) > max_items:
         raise TooLarge(f"{len(lines)} readings in one request; the limit is {max_items}")
     try:
-        return [_checked(index, _ndjson_line.decode(line), now) for index, line in enumerate(lines)]
+        return [
+            _checked(index, _ndjson_line.decode(line), now, limits)
+            for index, line in enumerate(lines)
+        ]
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidItems):
         pass
     raw_items: list[Any] = []
     for number, line in enumerate(body.split(b"\n"), start=1):
         if not line.strip():
             continue
-        try:
-            raw_items.append(json.loads(line, parse_constant=_reject_constant))
-        except json.JSONDecodeError as exc:
-            raise BodyError(
-                f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}"
-            ) from None
-        except (RecursionError, UnicodeDecodeError) as exc:
-            raise BodyError(f"line {number} is not valid JSON: {type(exc).__name__}") from None
-    return _slow_path(raw_items, now)
+        raw_items.append(_loads_lenient(line, f"line {number}", line=True))
+    return _slow_path(raw_items, now, limits)
 
 
-def _checked(index: int, item: ReadingIn, now: float) -> Reading:
-    result = _normalise(index, item, now)
+def _checked(index: int, item: ReadingIn, now: float, limits: Limits) -> Reading:
+    result = _normalise(index, item, now, limits)
     if isinstance(result, ItemError):
         raise InvalidItems([result])
     return result

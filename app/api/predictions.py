@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
+from app.api.auth import Scope, websocket_denial
 from app.api.deps import WsHubDep
 from app.pipeline.hub import PredictionHub, SensorFilter, Subscriber
 from app.pipeline.publish import Message
@@ -176,6 +177,10 @@ class Connection:
 @router.websocket("/v1/ws/predictions")
 async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
     """Stream predictions. See the README for the query parameters and frames."""
+    denial = websocket_denial(websocket, Scope.subscribe)
+    if denial is not None:
+        await _deny(websocket, denial.status, denial.detail)
+        return
     params = websocket.query_params
     try:
         filter = SensorFilter(

@@ -1,25 +1,38 @@
-"""POST /v1/readings: validate the whole request, admit it whole, answer 202."""
+"""POST /v1/readings: check the key, read the body within bounds, validate the whole
+request, admit it whole, answer 202.
+
+The checks run cheapest first, so that a request refused for its key, its content type or
+its declared size costs no body read, and one refused for overload costs no parse.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
-from app.api.deps import PipelineDep, SettingsDep
-from app.pipeline.ingest import Overloaded
+from app.api.auth import Scope, require
+from app.api.deps import Ingest, PipelineDep, SettingsDep
+from app.config import Settings
+from app.pipeline.ingest import BodyBudget, Overloaded
 from app.schemas import (
     Accepted,
     BodyError,
     ErrorBody,
     InvalidBody,
     InvalidItems,
+    Limits,
+    Reading,
     TooLarge,
     parse_json,
     parse_ndjson,
     reading_schema,
 )
+
+Parser = Callable[..., list[Reading]]
 
 router = APIRouter(tags=["readings"])
 
@@ -33,23 +46,40 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
+    """The body, held under ``budget``; the caller gives back ``len(body)`` bytes when done.
+
+    Raises:
+        TooLarge: over ``limit`` bytes, declared or streamed.
+        Overloaded: the budget of bodies in memory cannot hold this one now.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"body of {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    if declared is not None and declared.isdigit():
+        size = int(declared)
         if size > limit:
-            raise TooLarge(f"body over the limit of {limit} bytes")
-        chunks.append(chunk)
+            raise TooLarge(f"body of {size} bytes; the limit is {limit}")
+        if budget.used + size > budget.max_bytes:
+            raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
+    chunks: list[bytes] = []
+    held = 0
+    try:
+        async for chunk in request.stream():
+            if held + len(chunk) > limit:
+                raise TooLarge(f"body over the limit of {limit} bytes")
+            if not budget.take(len(chunk)):
+                raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
+            held += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.give_back(held)
+        raise
     return b"".join(chunks)
 
 
 @router.post(
     "/v1/readings",
     status_code=202,
+    dependencies=[require(Scope.ingest)],
     response_model=Accepted,
     summary="Send readings",
     description=(
@@ -58,9 +88,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     ),
     responses={
         400: {"model": ErrorBody, "description": "The body does not parse."},
+        401: {"model": ErrorBody, "description": "No API key, or an unknown one."},
+        403: {"model": ErrorBody, "description": "The key lacks the ingest scope."},
         413: {"model": ErrorBody, "description": "Over the body or item limit."},
         415: {"model": ErrorBody, "description": "Not JSON or NDJSON."},
         422: {"model": InvalidBody, "description": "Some readings are invalid; each is listed."},
+        429: {"model": ErrorBody, "description": "Over the key's rate limit; see Retry-After."},
         503: {"model": ErrorBody, "description": "The pipeline is full; see Retry-After."},
     },
     openapi_extra={
@@ -75,16 +108,39 @@ async def _read_body(request: Request, limit: int) -> bytes:
 )
 async def post_readings(request: Request, pipeline: PipelineDep, settings: SettingsDep) -> Any:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    parse: Parser
     if media_type in JSON_TYPES:
         parse = parse_json
     elif media_type in NDJSON_TYPES:
         parse = parse_ndjson
     else:
-        shown = media_type or "none"
+        shown = media_type[:100] or "none"
         return _error(415, f"content type {shown!r}: use application/json or application/x-ndjson")
+    budget: BodyBudget = request.app.state.bodies
     try:
-        body = await _read_body(request, settings.max_body_bytes)
-        readings = parse(body, max_items=settings.max_readings_per_request)
+        body = await _read_body(request, settings.max_body_bytes, budget)
+    except TooLarge as exc:
+        return _error(413, str(exc))
+    except Overloaded as exc:
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is left to read it
+    try:
+        return await _admit(body, parse, pipeline, settings)
+    finally:
+        budget.give_back(len(body))
+
+
+async def _admit(body: bytes, parse: Parser, pipeline: Ingest, settings: Settings) -> Response:
+    """Parse and offer a body; every outcome is a response, never an exception."""
+    limits = Limits(
+        settings.max_channels, settings.max_sensor_id_chars, settings.max_reading_id_chars
+    )
+    try:
+        readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
+        if not readings:
+            return _error(422, "the request holds no readings")
+        accepted, duplicates = await pipeline.offer(readings)
     except TooLarge as exc:
         return _error(413, str(exc))
     except BodyError as exc:
@@ -95,10 +151,6 @@ async def post_readings(request: Request, pipeline: PipelineDep, settings: Setti
             {"detail": f"{len(errors)} invalid readings; nothing was accepted", "errors": errors},
             status_code=422,
         )
-    if not readings:
-        return _error(422, "the request holds no readings")
-    try:
-        accepted, duplicates = await pipeline.offer(readings)
     except Overloaded as exc:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
     return JSONResponse({"accepted": accepted, "duplicates": duplicates}, status_code=202)
