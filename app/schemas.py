@@ -224,7 +224,8 @@ def parse_json(
     now = time.time() if now is None else now
     try:
         decoded = _single.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 in an object key.
         decoded = None
     if decoded is not None:
         items = decoded if isinstance(decoded, list) else [decoded]
@@ -265,7 +266,7 @@ def parse_ndjson(
             _checked(index, _ndjson_line.decode(line), now, limits)
             for index, line in enumerate(lines)
         ]
-    except (msgspec.ValidationError, msgspec.DecodeError, InvalidItems):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, InvalidItems):
         pass
     raw_items: list[Any] = []
     for number, line in enumerate(body.split(b"\n"), start=1):
@@ -305,9 +306,21 @@ class InvalidBody(BaseModel):
     errors: list[ItemErrorBody]
 
 
-def reading_schema() -> tuple[dict[str, Any], dict[str, Any]]:
-    """JSON Schema of the request body and its components, from the msgspec types."""
-    (schema,), components = msgspec.json.schema_components(
-        [ReadingIn | list[ReadingIn]], ref_template="#/components/schemas/{name}"
-    )
-    return schema, components
+def reading_schema() -> dict[str, Any]:
+    """JSON Schema of the request body, self-contained (no ``$ref``), for the OpenAPI page.
+
+    It is derived from the msgspec types, with what :func:`_normalise` checks added where JSON
+    Schema can say it, so that schema-driven clients and fuzzers produce acceptable readings.
+    """
+    (_, components) = msgspec.json.schema_components([ReadingIn], ref_template="{name}")
+    reading: dict[str, Any] = components["ReadingIn"]
+    properties = reading["properties"]
+    properties["ts"]["anyOf"][1].update(minimum=0, maximum=MAX_EPOCH_S)
+    properties["id"]["anyOf"][0]["pattern"] = r"^[^\u0000-\u001f\u007f]*$"
+    # Exactly one of value or values (a null one counts as absent, as in _normalise).
+    null = {"type": "null"}
+    reading["oneOf"] = [
+        {"required": ["value"], "properties": {"value": {"type": "number"}, "values": null}},
+        {"required": ["values"], "properties": {"values": {"type": "object"}, "value": null}},
+    ]
+    return {"anyOf": [reading, {"type": "array", "items": reading}]}

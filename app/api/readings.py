@@ -36,7 +36,7 @@ Parser = Callable[..., list[Reading]]
 
 router = APIRouter(tags=["readings"])
 
-_schema, _ = reading_schema()
+_schema = reading_schema()
 
 JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
@@ -139,7 +139,9 @@ async def _admit(body: bytes, parse: Parser, pipeline: Ingest, settings: Setting
     try:
         readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
         if not readings:
-            return _error(422, "the request holds no readings")
+            return JSONResponse(
+                {"detail": "the request holds no readings", "errors": []}, status_code=422
+            )
         accepted, duplicates = await pipeline.offer(readings)
     except TooLarge as exc:
         return _error(413, str(exc))
