@@ -39,6 +39,19 @@ def _configure_logging(level: str) -> None:
     )
 
 
+class _DenialIsNotAnError(logging.Filter):
+    """Drop uvicorn's "returned without completing handshake" after a handshake denial.
+
+    uvicorn's websockets-sansio protocol logs it at ERROR whenever the app refuses a WebSocket
+    handshake with an HTTP response (401, 403, 400), which this service does on purpose:
+    anyone could fill the error log with it. The route always accepts or denies, so the
+    message never means anything else here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ASGI callable returned without completing")
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP/WebSocket service until SIGTERM or SIGINT, then drain and exit 0."""
     import uvicorn
@@ -70,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
         lifespan="on",
     )
+    logging.getLogger("uvicorn.error").addFilter(_DenialIsNotAnError())
     server = GracefulServer(config)
     server.run()
     return 0 if server.started else 1

@@ -152,6 +152,8 @@ async def test_refused_handshake_carries_the_reason(keyed: Server) -> None:
             pass
     assert refused.value.response.status_code == 403
     assert b"subscribe" in refused.value.response.body
+    await asyncio.sleep(0.2)
+    assert "without completing handshake" not in keyed.log(), "a denial logged as an error"
 
 
 @pytest.mark.parametrize(

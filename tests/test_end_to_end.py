@@ -302,7 +302,8 @@ async def test_sigterm_drains_then_closes_subscribers_with_1001(server_factory) 
                     got.append(message)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert sorted(int(m["id"]) for m in got) == list(range(5000))
-    assert srv.stop(timeout_s=30) == 0
+    # Wait for the exit (a second signal would mean "exit at once").
+    assert await asyncio.to_thread(srv.proc.wait, 30) == 0
 
 
 def test_bad_setting_stops_startup_with_one_line() -> None:
