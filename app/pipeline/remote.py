@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-from app.backends.redis import RedisBackend, RedisUnavailable
+from app.backends.redis import RedisBackend, RedisUnavailable, partition_of
 from app.config import Settings
 from app.pipeline.ingest import Overloaded
-from app.schemas import Reading
+from app.schemas import Reading, TooLarge
 
 
 class RemoteIngest:
@@ -33,10 +34,22 @@ class RemoteIngest:
         """Append a request's readings to Redis, whole or not at all.
 
         Raises:
+            TooLarge: one partition's share is larger than its whole queue (413).
             Overloaded: shutting down, a partition is full, or Redis did not answer in time.
         """
         if not self.open:
             raise Overloaded(retry_after_s=5)
+        if len(readings) > self.settings.queue_max_readings:
+            largest = max(
+                Counter(
+                    partition_of(r.sensor_id, self.settings.partitions) for r in readings
+                ).values()
+            )
+            if largest > self.settings.queue_max_readings:
+                raise TooLarge(
+                    f"{largest} readings for one partition; its whole queue holds "
+                    f"{self.settings.queue_max_readings}: split the request"
+                )
         try:
             outcome = await self.backend.offer(
                 readings,
