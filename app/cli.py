@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.config import Settings, describe_error
+from app.logs import configure_logging
 from app.models.base import ModelPathError
 
 log = logging.getLogger("app")
@@ -30,13 +31,6 @@ def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
 def _fail(message: str) -> int:
     print(f"sensorcast: {message}", file=sys.stderr)
     return 2
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
 
 
 class _DenialIsNotAnError(logging.Filter):
@@ -67,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"SENSORCAST_MODEL: {exc}")
     except ValueError as exc:
         return _fail(str(exc))
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -78,7 +72,8 @@ def serve(args: argparse.Namespace) -> int:
         ws_max_size=settings.ws_max_message_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,
-        access_log=False,
+        access_log=False,  # RequestIdMiddleware writes the access lines
+        log_config=None,  # configure_logging did it; keep uvicorn's dictConfig out
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
         lifespan="on",
@@ -146,7 +141,7 @@ def worker(args: argparse.Namespace) -> int:
             "SENSORCAST_BACKEND: the worker role needs a shared backend (redis://...); "
             "with memory:// the serve command runs the workers itself"
         )
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from app.worker import run_worker
 
     return asyncio.run(run_worker(settings))

@@ -30,6 +30,13 @@ def _default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+class LogFormat(StrEnum):
+    """How log lines are written."""
+
+    text = "text"
+    json = "json"
+
+
 class ExecutorKind(StrEnum):
     """Where the model work runs. Only ``process`` keeps the event loop free; the others
     exist so the benchmarks can show the difference side by side."""
@@ -49,6 +56,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     backend: str = "memory://"
     log_level: str = "info"
+    log_format: LogFormat = LogFormat.text
+    """``text`` (readable lines) or ``json`` (one object per line, for log collectors)."""
+    access_log: bool = True
+    """One line per HTTP request and WebSocket connection, at INFO."""
 
     # Compute
     workers: int = Field(default_factory=_default_workers, ge=1, le=256)

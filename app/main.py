@@ -13,13 +13,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.api import errors, health, predictions, readings, sensors
+from app.api import (
+    dashboard,
+    errors,
+    health,
+    metrics as metrics_api,
+    predictions,
+    readings,
+    sensors,
+)
 from app.api.auth import Guard, Scope, require
 from app.api.deps import Ingest, State
 from app.backends import backend_from_url
 from app.config import Settings
+from app.logs import RequestIdMiddleware
+from app.looplag import LoopLagMonitor
+from app.metrics import Metrics
 from app.models.base import load_model_class
 from app.pipeline.hub import PredictionHub
 from app.pipeline.ingest import BodyBudget
@@ -34,11 +46,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Fail fast, in the parent, on a model path that cannot work.
     load_model_class(settings.model)
     guard = Guard.from_settings(settings)
+    metrics = Metrics()
+    loop_lag = LoopLagMonitor()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         guard.on_startup()
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(loop_lag)
             backend = backend_from_url(settings.backend, timeout_s=settings.redis_timeout_s)
             await backend.connect()
             stack.push_async_callback(backend.disconnect)
@@ -59,9 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 assert isinstance(backend, RedisBackend)
                 pipeline = remote = RemoteIngest(settings, backend)
                 stop_pipeline = remote.stop
+                metrics.bind(None, hub, loop_lag)
             else:
                 pipeline = embedded = Pipeline(settings, backend)
                 stop_pipeline = embedded.stop
+                for batcher in embedded.batchers:
+                    batcher.observer = metrics.observe_batch
+                metrics.bind(embedded, hub, loop_lag)
+            stack.callback(metrics.bind, None, None, None)
 
             async def drain() -> None:
                 # Graceful stop: refuse readings, finish accepted ones, deliver them, close.
@@ -90,10 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.guard = guard
     app.state.bodies = BodyBudget(settings.max_pending_body_bytes)
     errors.install(app)
+    app.state.metrics = metrics
+    app.state.loop_lag = loop_lag
     app.include_router(readings.router)
     app.include_router(predictions.router)
     app.include_router(sensors.router, dependencies=[require(Scope.subscribe)])
     app.include_router(health.router)
+    app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app
 
 

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request, Security, WebSocket
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app.metrics import REFUSAL_BY_STATUS, count_refusal
+
 if TYPE_CHECKING:
     from app.config import Settings
 
@@ -385,6 +387,8 @@ def require(scope: Scope) -> Any:
         key = bearer.credentials if bearer is not None else api_key
         denial = guard.check(key, scope)
         if denial is not None:
+            if scope is Scope.ingest:
+                count_refusal(request, REFUSAL_BY_STATUS.get(denial.status, str(denial.status)))
             raise HTTPException(denial.status, denial.detail, headers=denial.headers or None)
 
     return Depends(check_key)

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from app.api.auth import Scope, require
 from app.api.deps import Ingest, PipelineDep, SettingsDep
 from app.config import Settings
+from app.metrics import Metrics, count_refusal
 from app.pipeline.ingest import BodyBudget, Overloaded
 from app.schemas import (
     Accepted,
@@ -115,44 +116,57 @@ async def post_readings(request: Request, pipeline: PipelineDep, settings: Setti
         parse = parse_ndjson
     else:
         shown = media_type[:100] or "none"
+        count_refusal(request, "unsupported_media_type")
         return _error(415, f"content type {shown!r}: use application/json or application/x-ndjson")
     budget: BodyBudget = request.app.state.bodies
     try:
         body = await _read_body(request, settings.max_body_bytes, budget)
     except TooLarge as exc:
+        count_refusal(request, "too_large")
         return _error(413, str(exc))
     except Overloaded as exc:
+        count_refusal(request, "overloaded")
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
     except ClientDisconnect:
         return Response(status_code=400)  # nobody is left to read it
     try:
-        return await _admit(body, parse, pipeline, settings)
+        return await _admit(body, parse, pipeline, settings, request.app.state.metrics)
     finally:
         budget.give_back(len(body))
 
 
-async def _admit(body: bytes, parse: Parser, pipeline: Ingest, settings: Settings) -> Response:
-    """Parse and offer a body; every outcome is a response, never an exception."""
+async def _admit(
+    body: bytes, parse: Parser, pipeline: Ingest, settings: Settings, metrics: Metrics
+) -> Response:
+    """Parse and offer a body; every outcome is a response, never an exception (each
+    refusal is counted in ``metrics``, by reason)."""
     limits = Limits(
         settings.max_channels, settings.max_sensor_id_chars, settings.max_reading_id_chars
     )
     try:
         readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
         if not readings:
+            metrics.count_refusal("invalid")
             return JSONResponse(
                 {"detail": "the request holds no readings", "errors": []}, status_code=422
             )
         accepted, duplicates = await pipeline.offer(readings)
     except TooLarge as exc:
+        metrics.count_refusal("too_large")
         return _error(413, str(exc))
     except BodyError as exc:
+        metrics.count_refusal("bad_body")
         return _error(400, str(exc))
     except InvalidItems as exc:
+        metrics.count_refusal("invalid")
         errors = [{"index": e.index, "field": e.field, "reason": e.reason} for e in exc.errors]
         return JSONResponse(
             {"detail": f"{len(errors)} invalid readings; nothing was accepted", "errors": errors},
             status_code=422,
         )
     except Overloaded as exc:
+        metrics.count_refusal("overloaded")
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    metrics.accepted += accepted
+    metrics.duplicates += duplicates
     return JSONResponse({"accepted": accepted, "duplicates": duplicates}, status_code=202)

@@ -76,6 +76,13 @@ class _Batch(NamedTuple):
     future: asyncio.Future[Any]
     checkpoint: bool = False
     """A checkpoint request rather than a batch: ``future`` yields the worker's states."""
+    submitted: float = 0.0
+    """``time.perf_counter()`` when queued on the worker."""
+
+
+BatchObserver = Callable[[list[Reading], BatchResult, float | None], None]
+"""Called once per published batch with its readings, result and pool time (None when it
+ran during a recovery); see ``app.metrics.Metrics.observe_batch``."""
 
 
 class Batcher:
@@ -118,6 +125,8 @@ class Batcher:
         self.batches = 0
         self.recoveries = 0
         self.poisoned = 0
+        self.observer: BatchObserver | None = None
+        self._worker_free_at = 0.0
 
     def install(self, sensor_id: str, fitted: Any) -> None:
         """Send a refitted model to the worker with the next batch (an empty one if idle)."""
@@ -172,7 +181,7 @@ class Batcher:
     def _submit(self, readings: list[Reading]) -> None:
         installs, self.installs = self.installs, []
         future = self.pool.submit(self.shard, run_batch, readings, installs)
-        self._pending.append(_Batch(readings, installs, future))
+        self._pending.append(_Batch(readings, installs, future, False, time.perf_counter()))
         self.batches += 1
 
     def _maybe_checkpoint(self) -> None:
@@ -185,9 +194,14 @@ class Batcher:
         if due and self._since_checkpoint:
             self._checkpoint_asked = True
             future = self.pool.submit(self.shard, export_states)
-            self._pending.append(_Batch([], [], future, checkpoint=True))
+            self._pending.append(_Batch([], [], future, True, time.perf_counter()))
 
     async def _complete(self, batch: _Batch) -> None:
+        # A shard's worker runs its calls one after another, so a call's own time starts
+        # when it was queued or when the previous call finished, whichever is later.
+        done_at = time.perf_counter()
+        task_s = done_at - max(batch.submitted, self._worker_free_at)
+        self._worker_free_at = done_at
         try:
             outcome = batch.future.result()
         except BrokenExecutor:
@@ -207,7 +221,7 @@ class Batcher:
             return
         self._since_checkpoint.append((batch.readings, batch.installs))
         self._since_checkpoint_readings += len(batch.readings)
-        await self._publish(batch.readings, outcome)
+        await self._publish(batch.readings, outcome, task_s)
 
     def _took_checkpoint(self, states: States) -> None:
         self._checkpoint = states
@@ -216,11 +230,15 @@ class Batcher:
         self._checkpoint_asked = False
         self._last_checkpoint = time.monotonic()
 
-    async def _publish(self, readings: list[Reading], result: BatchResult) -> None:
+    async def _publish(
+        self, readings: list[Reading], result: BatchResult, task_s: float | None = None
+    ) -> None:
         try:
             await self.publisher.publish(result.predictions, result.swaps)
         finally:
             self.queue.done(len(readings))
+        if self.observer is not None:
+            self.observer(readings, result, task_s)
         for job in result.jobs:
             self.on_job(job._replace(shard=self.shard))
 

@@ -76,6 +76,8 @@ class Subscriber:
         self.queue: deque[Message] = deque()
         self.dropped = 0
         """Messages dropped since the last ``lagged`` notice."""
+        self.dropped_total = 0
+        """Messages dropped over the subscriber's life (for metrics)."""
         self.overflowed = False
         """With the ``disconnect`` policy: the queue overflowed and the client must go."""
         self.wake = asyncio.Event()
@@ -92,6 +94,7 @@ class Subscriber:
                 return
             queue.popleft()
             self.dropped += 1
+            self.dropped_total += 1
         queue.append(message)
         self.wake.set()
 
@@ -111,7 +114,9 @@ class Subscriber:
             latest[(queued.kind, queued.sensor_id)] = queued
         latest[(message.kind, message.sensor_id)] = message
         kept = sorted(latest.values(), key=lambda m: m.seq)
-        self.dropped += len(self.queue) + 1 - len(kept)
+        lost = len(self.queue) + 1 - len(kept)
+        self.dropped += lost
+        self.dropped_total += lost
         self.queue = deque(kept[-self.max_frames :])
         self.wake.set()
 
@@ -155,6 +160,9 @@ class PredictionHub:
         self.sensors: dict[str, SensorSummary] = {}
         self.latest_seq = 0
         self.epoch = ""
+        self.slow_disconnects = 0
+        """Subscribers that left after overflowing (policy ``disconnect``)."""
+        self._dropped_gone = 0
         self.closing = False
         """Set at shutdown: relays flush their queues and close with 1001."""
         self._task: asyncio.Task[None] | None = None
@@ -269,8 +277,16 @@ class PredictionHub:
         return sub, replay, gap_from
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        self.subscribers.discard(sub)
+        if sub in self.subscribers:
+            self.subscribers.discard(sub)
+            self._dropped_gone += sub.dropped_total
+            self.slow_disconnects += sub.overflowed
         self._changed.set()
+
+    @property
+    def frames_dropped(self) -> int:
+        """Messages dropped for slow subscribers, over the hub's life."""
+        return self._dropped_gone + sum(s.dropped_total for s in self.subscribers)
 
     def snapshot(self, filter: SensorFilter) -> list[str]:
         """The latest prediction of every sensor the filter wants, ordered by sensor id."""

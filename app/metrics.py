@@ -1,0 +1,344 @@
+"""Prometheus metrics, cheap on the hot path.
+
+Most figures are counters the pipeline keeps anyway (queue depths, batches, recoveries,
+published messages, subscribers). :class:`Metrics` reads them when ``/metrics`` is scraped,
+through a custom collector, rather than updating metric objects per reading: an attribute
+increment costs nothing next to a ``Counter.inc()`` behind a lock, and the scrape is rare.
+
+Where a distribution is needed (batch sizes, pool time, latency) it is observed once per
+*batch*, never per reading: a batch holds up to ``batch_max_size`` readings, so the cost per
+reading shrinks as load grows. The POST-to-broadcast latency of a batch is observed for its
+oldest and its newest reading (readings of a shard's batch are in admission order), which
+bounds every reading's latency in the batch from both sides. The histogram therefore counts
+batch extremes, not readings: its tail is the worst case, not a per-reading percentile.
+
+Each app has its own registry (``create_app`` builds one), so tests and several apps in one
+process do not share state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import HTTPConnection
+
+if TYPE_CHECKING:
+    from app.pipeline.hub import PredictionHub
+    from app.pipeline.inference import BatchResult
+    from app.pipeline.pipeline import Pipeline
+    from app.schemas import Reading
+
+NAMESPACE = "sensorcast"
+
+REFUSAL_REASONS = {
+    "bad_body": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid": 422,
+    "rate_limited": 429,
+    "overloaded": 503,
+}
+"""Why a ``POST /v1/readings`` was refused, and its status. Known reasons are exported from
+the start (at 0), so ``rate()`` works on the first refusal. ``overloaded`` covers every 503:
+a full queue, a backend that does not answer, a service shutting down."""
+
+REFUSAL_BY_STATUS = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
+"""The reason counted for a request refused for its key."""
+
+
+def count_refusal(request: HTTPConnection, reason: str) -> None:
+    """Count a refused ``POST /v1/readings`` in its app's metrics; ``reason`` is a key of
+    ``REFUSAL_REASONS`` (another word is counted too, under its own label)."""
+    metrics: Metrics = request.app.state.metrics
+    metrics.count_refusal(reason)
+
+
+_LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_POOL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_RECENT_LATENCIES = 4096
+LAG_WINDOW_S = 60.0
+"""Event-loop lag quantiles cover this many recent seconds."""
+
+
+class LagSummary(Protocol):
+    @property
+    def samples(self) -> int: ...
+    @property
+    def p50_ms(self) -> float: ...
+    @property
+    def p99_ms(self) -> float: ...
+    @property
+    def max_ms(self) -> float: ...
+
+
+class LagSource(Protocol):
+    """An event-loop lag monitor (see ``LoopLagMonitor``)."""
+
+    def summary(self, window_s: float | None = None) -> LagSummary: ...
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of a sorted list (0 when empty).
+
+    Examples:
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 99)
+        (2.0, 4.0)
+        >>> percentile([], 50)
+        0.0
+    """
+    if not ordered:
+        return 0.0
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+class Metrics:
+    """One app's metrics: plain counters bumped by the routes, per-batch histograms, and a
+    collector that reads the pipeline and hub at scrape time.
+
+    ``bind`` attaches the pipeline, hub and lag monitor once the lifespan has built them;
+    before that (and after shutdown) only the request counters are exported.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.accepted = 0
+        """Readings accepted (each will yield a prediction)."""
+        self.duplicates = 0
+        """Readings acknowledged again without being processed (a retried ``id``)."""
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.model_swaps = 0
+        self.retrains_requested = 0
+        self.model_versions: dict[str, int] = {}
+        """Each retrained sensor's current model version (sensors never fitted are absent)."""
+        self.recent_latency_s: deque[tuple[float, float]] = deque(maxlen=_RECENT_LATENCIES)
+        """(monotonic time, latency) of recent batches' oldest readings, for the dashboard."""
+        self.batch_size = Histogram(
+            "sensorcast_batch_size_readings",
+            "Readings per batch sent to a shard's worker.",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.pool_seconds = Histogram(
+            "sensorcast_pool_batch_seconds",
+            "Time a shard's worker took for a batch, seen from the service: from when it could "
+            "start it (submitted, or its previous batch done) to the result, IPC included.",
+            buckets=_POOL_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sensorcast_e2e_latency_seconds",
+            "From a reading's acceptance (POST) to the broadcast of its prediction; observed "
+            "for the oldest and the newest reading of each batch.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._pipeline: Pipeline | None = None
+        self._hub: PredictionHub | None = None
+        self._loop_lag: LagSource | None = None
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_PipelineCollector(self))
+
+    def bind(
+        self, pipeline: Pipeline | None, hub: PredictionHub | None, loop_lag: LagSource | None
+    ) -> None:
+        """Read these objects at scrape time (``None`` to detach them)."""
+        self._pipeline, self._hub, self._loop_lag = pipeline, hub, loop_lag
+
+    def count_refusal(self, reason: str) -> None:
+        """Count a refused ``POST /v1/readings``; ``reason`` is a key of ``REFUSAL_REASONS``
+        (another word is counted too, under its own label)."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def observe_batch(
+        self, readings: list[Reading], result: BatchResult, task_s: float | None
+    ) -> None:
+        """Record a batch just published (called by the batcher, once per batch)."""
+        count = len(readings)
+        if count:
+            self.batch_size.observe(count)
+            now = time.time()
+            oldest = now - readings[0].ingested_at
+            self.latency.observe(oldest)
+            if count > 1:
+                self.latency.observe(now - readings[-1].ingested_at)
+            self.recent_latency_s.append((time.monotonic(), oldest))
+        if task_s is not None:
+            self.pool_seconds.observe(task_s)
+        if result.swaps:
+            self.model_swaps += len(result.swaps)
+            for swap in result.swaps:
+                self.model_versions[swap.sensor_id] = swap.model_version
+        self.retrains_requested += len(result.jobs)
+
+    def recent_latency_ms(self, window_s: float = 10.0) -> dict[str, float]:
+        """p50/p99/max of the recent batches' oldest-reading latency, in milliseconds."""
+        horizon = time.monotonic() - window_s
+        lat = sorted(v for at, v in self.recent_latency_s if at >= horizon)
+        return {
+            "p50_ms": round(percentile(lat, 50) * 1e3, 2),
+            "p99_ms": round(percentile(lat, 99) * 1e3, 2),
+            "max_ms": round((lat[-1] if lat else 0.0) * 1e3, 2),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The live figures the dashboard shows (rates are left to the caller: it polls
+        and divides the change in ``accepted`` by the time between polls)."""
+        hub, pipeline = self._hub, self._pipeline
+        out: dict[str, Any] = {
+            "time": time.time(),
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "refused": sum(self.refused.values()),
+            "latency": self.recent_latency_ms(),
+            "subscribers": len(hub.subscribers) if hub else 0,
+            "sensors": len(hub.sensors) if hub else 0,
+            "published": pipeline.publisher.published if pipeline else 0,
+            "pending": pipeline.pending() if pipeline else 0,
+            "model_swaps": self.model_swaps,
+        }
+        if self._loop_lag is not None:
+            lag = self._loop_lag.summary(10.0)
+            out["loop_lag"] = {"p50_ms": round(lag.p50_ms, 3), "p99_ms": round(lag.p99_ms, 3)}
+        return out
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+class _PipelineCollector(Collector):
+    """Reads the counters the pipeline and hub keep, when ``/metrics`` is scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        yield _counter("readings_accepted", "Readings accepted for prediction.", m.accepted)
+        yield _counter(
+            "readings_duplicate",
+            "Readings acknowledged again but not processed: their (sensor_id, id) was "
+            "accepted recently.",
+            m.duplicates,
+        )
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_requests_refused",
+            "POST /v1/readings requests refused, by reason (nothing of them was taken).",
+            labels=("reason", "status"),
+        )
+        for reason, count in sorted(m.refused.items()):
+            refused.add_metric((reason, str(REFUSAL_REASONS.get(reason, 0))), count)
+        yield refused
+        yield _counter("model_swaps", "Retrained models swapped in.", m.model_swaps)
+        yield _counter(
+            "retrains_requested", "Retraining jobs sent to the trainer pool.", m.retrains_requested
+        )
+        versions = m.model_versions
+        yield _gauge("models_retrained", "Sensors running a retrained model.", len(versions))
+        yield _gauge(
+            "model_version_max",
+            "Highest model version of any sensor.",
+            max(versions.values(), default=0),
+        )
+        if m._pipeline is not None:
+            yield from self._pipeline(m._pipeline)
+        if m._hub is not None:
+            yield from self._hub(m._hub)
+        if m._loop_lag is not None:
+            lag = m._loop_lag.summary(LAG_WINDOW_S)
+            family = GaugeMetricFamily(
+                f"{NAMESPACE}_event_loop_lag_seconds",
+                f"Overshoot of a 1 ms timer on the service's event loop over the last "
+                f"{LAG_WINDOW_S:.0f} s, by quantile (1 is the maximum).",
+                labels=("quantile",),
+            )
+            family.add_metric(("0.5",), lag.p50_ms / 1e3)
+            family.add_metric(("0.99",), lag.p99_ms / 1e3)
+            family.add_metric(("1",), lag.max_ms / 1e3)
+            yield family
+
+    def _pipeline(self, p: Pipeline) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            f"{NAMESPACE}_queue_pending_readings",
+            "Readings accepted and not yet published, per shard (POST answers 503 at capacity).",
+            labels=("shard",),
+        )
+        waiting = GaugeMetricFamily(
+            f"{NAMESPACE}_queue_waiting_readings",
+            "Readings waiting to be batched, per shard.",
+            labels=("shard",),
+        )
+        for shard, queue in enumerate(p.queues):
+            pending.add_metric((str(shard),), queue.pending)
+            waiting.add_metric((str(shard),), queue.waiting)
+        yield pending
+        yield waiting
+        yield _gauge(
+            "queue_capacity_readings",
+            "Capacity of each shard's queue.",
+            p.queues[0].capacity if p.queues else 0,
+        )
+        batches = CounterMetricFamily(
+            f"{NAMESPACE}_batches", "Batches sent to workers, per shard.", labels=("shard",)
+        )
+        recoveries = CounterMetricFamily(
+            f"{NAMESPACE}_worker_recoveries",
+            "Dead worker processes recovered from, per shard.",
+            labels=("shard",),
+        )
+        for b in p.batchers:
+            batches.add_metric((str(b.shard),), b.batches)
+            recoveries.add_metric((str(b.shard),), b.recoveries)
+        yield batches
+        yield recoveries
+        yield _counter(
+            "poisoned_readings",
+            "Readings that killed their worker twice and got an error prediction.",
+            sum(b.poisoned for b in p.batchers),
+        )
+        pool = p.pool
+        yield _counter("pool_rebuilds", "Shard worker processes replaced.", pool.rebuilds)
+        yield _gauge("shards_healthy", "Shard workers up and taking batches.", sum(pool.healthy))
+        yield _gauge("shards", "Shard workers configured.", pool.size)
+        yield _counter(
+            "published_messages",
+            "Messages (predictions and model swaps) published to subscribers.",
+            p.publisher.published,
+        )
+        yield _gauge("last_seq", "Highest seq published.", p.publisher.last_seq)
+
+    def _hub(self, hub: PredictionHub) -> Iterator[Metric]:
+        yield _gauge("subscribers", "WebSocket subscribers connected.", len(hub.subscribers))
+        yield _counter(
+            "frames_dropped",
+            "Frames dropped for subscribers that fell behind (the slow-client policy).",
+            hub.frames_dropped,
+        )
+        yield _counter(
+            "slow_disconnects",
+            "Subscribers closed with 1013 for falling behind (policy disconnect).",
+            hub.slow_disconnects,
+        )
+        sensors = hub.sensors
+        yield _gauge("sensors", "Sensors seen.", len(sensors))
+        yield _gauge("history_frames", "Messages kept for resumes.", len(hub.history))
+        predictions = anomalies = 0
+        for s in sensors.values():
+            predictions += s.count
+            anomalies += s.anomalies
+        yield _counter("predictions", "Predictions broadcast.", predictions)
+        yield _counter("anomalies", "Predictions flagged as anomalies.", anomalies)
