@@ -8,7 +8,7 @@ to every log record written while the request runs, and writes the access line.
 
 What never reaches a log: query strings (they may carry ``key=``), headers, and bodies.
 Access lines name the path only; uvicorn's own WebSocket lines, which include the query
-string, go through :class:`RedactKeys`.
+string, and the wire dumps of its DEBUG level go through :class:`RedactKeys`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ access_log = logging.getLogger("app.access")
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SECRET_PARAM = re.compile(r"((?:^|[?&\s])(?:key|api_key|token|access_token)=)[^&\s\"']*", re.I)
+_WIRE_DUMPS = ("< ", "> ")
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Fields a record may carry through ``extra=`` that JSON lines show as their own keys.
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
@@ -57,9 +58,21 @@ def redact(text: str) -> str:
 
 
 class RedactKeys(logging.Filter):
-    """Rewrites a record's message with :func:`redact` (uvicorn logs WebSocket query strings)."""
+    """Keeps secrets and payloads out of the log.
+
+    Rewrites a record's message with :func:`redact` (uvicorn logs WebSocket query strings),
+    and drops the wire dumps that uvicorn and websockets write at DEBUG (``< header: value``,
+    ``> TEXT '...'``): they carry API keys in headers and readings in frames.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.DEBUG
+            and isinstance(record.msg, str)
+            and record.msg[:2] in _WIRE_DUMPS
+            and record.name.startswith(("uvicorn", "websockets"))
+        ):
+            return False
         message = record.getMessage()
         if "=" in message:
             cleaned = redact(message)
