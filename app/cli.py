@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", action="store_true", help="ask for batched frames")
     p.add_argument("--key", help="API key, where keys are set")
     p.add_argument("--count", type=int, help="exit after this many predictions")
+    p.add_argument("--pretty", action="store_true", help="readable lines for people, not JSON")
     p.set_defaults(func=subscribe)
     return parser
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
@@ -33,12 +35,78 @@ def build_url(base: str, args: argparse.Namespace, since: int | None) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, joined, ""))
 
 
+_RED, _DIM, _BOLD, _RESET = "\033[31m", "\033[2m", "\033[1m", "\033[0m"
+
+
+def _numbers(values: dict[str, Any] | None) -> str:
+    if not values:
+        return "-"
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float | int) else f"{k}={v}" for k, v in values.items()
+    )
+
+
+def pretty(item: dict[str, Any], color: bool = False) -> str:
+    """One message as a line for people (``sensorcast subscribe --pretty``).
+
+    Examples:
+        >>> line = pretty({"type": "prediction", "seq": 7, "sensor_id": "pump-7",
+        ...         "ts": "2026-11-25T19:00:00.250Z", "values": {"value": 80.0},
+        ...         "forecast": {"value": 21.7}, "anomaly_score": 0.998,
+        ...         "is_anomaly": True, "status": "ok", "model_version": 3})
+        >>> print(line)
+        19:00:00.250  #7       pump-7            value=80  next value=21.7  score 1.00  v3  ANOMALY
+        >>> pretty({"type": "lagged", "dropped": 12})
+        'lagged: 12 messages dropped for this client'
+    """
+    kind = item.get("type")
+    if kind == "prediction":
+        ts = str(item.get("ts", ""))
+        clock = ts[11:23] if len(ts) >= 19 else ts
+        score = item.get("anomaly_score")
+        status = item.get("status")
+        if status == "ok":
+            verdict = "ANOMALY" if item.get("is_anomaly") else "ok"
+        elif status == "error":
+            verdict = f"error: {item.get('reason', '')}"
+        else:
+            verdict = str(status).replace("_", " ")
+        line = (
+            f"{clock:<12}  #{item.get('seq', '?'):<6}  {item.get('sensor_id', ''):<16}  "
+            f"{_numbers(item.get('values'))}  next {_numbers(item.get('forecast'))}  "
+            f"score {'-' if score is None else f'{score:.2f}'}  v{item.get('model_version', 0)}  "
+            f"{verdict}"
+        )
+        if color and item.get("is_anomaly"):
+            return f"{_RED}{_BOLD}{line}{_RESET}"
+        if color and status != "ok":
+            return f"{_DIM}{line}{_RESET}"
+        return line
+    if kind == "model":
+        return (
+            f"model: {item.get('sensor_id')} now runs version {item.get('model_version')} "
+            f"(#{item.get('seq')})"
+        )
+    if kind == "hello":
+        return f"connected: epoch {item.get('epoch')}, latest seq {item.get('seq')}"
+    if kind == "lagged":
+        return f"lagged: {item.get('dropped')} messages dropped for this client"
+    if kind == "gap":
+        return (
+            f"gap: {item.get('missed')} messages no longer kept "
+            f"(#{item.get('from_seq')} to #{item.get('to_seq')})"
+        )
+    return json.dumps(item, separators=(",", ":"))
+
+
 async def run(args: argparse.Namespace) -> int:
     """Print every message after ``--since`` (or from now); reconnect with backoff."""
     last_seq: int | None = args.since
     printed = 0
     delay = 0.5
     out = sys.stdout
+    human = getattr(args, "pretty", False)
+    color = human and out.isatty() and "NO_COLOR" not in os.environ
     while True:
         try:
             async with websockets.connect(build_url(args.url, args, last_seq)) as ws:
@@ -50,7 +118,10 @@ async def run(args: argparse.Namespace) -> int:
                         seq = item.get("seq")
                         if item.get("type") in {"prediction", "model"} and isinstance(seq, int):
                             last_seq = seq
-                        out.write(json.dumps(item, separators=(",", ":")) + "\n")
+                        if human:
+                            out.write(pretty(item, color) + "\n")
+                        else:
+                            out.write(json.dumps(item, separators=(",", ":")) + "\n")
                         if item.get("type") == "prediction":
                             printed += 1
                     out.flush()
