@@ -66,6 +66,8 @@ class RedactKeys(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "app.access":
+            return True  # a path without its query string, nothing else
         if (
             record.levelno == logging.DEBUG
             and isinstance(record.msg, str)
@@ -155,6 +157,21 @@ def new_request_id() -> str:
     return secrets.token_hex(8)
 
 
+def _log_access(scope: Scope, status: int, duration_s: float, rid: str) -> None:
+    # The record is built here rather than through Logger.info(): that skips the caller
+    # lookup (a stack walk) and the extra-dict merge, about a fifth of an access line's cost.
+    duration_ms = round(duration_s * 1e3, 2)
+    method = scope.get("method", "WS")
+    path = scope["path"]
+    record = logging.LogRecord(
+        "app.access", logging.INFO, __file__, 0, "%s %s %d %.2fms",
+        (method, path, status, duration_ms), None,
+    )  # fmt: skip
+    record.method, record.path, record.status = method, path, status
+    record.duration_ms, record.request_id = duration_ms, rid
+    access_log.handle(record)
+
+
 class RequestIdMiddleware:
     """Request ids and access lines, as a pure ASGI middleware (no per-request objects
     beyond a closure, so it costs a few microseconds on the ingest path).
@@ -208,21 +225,5 @@ class RequestIdMiddleware:
             raise
         finally:
             if self.access and access_log.isEnabledFor(logging.INFO):
-                duration_ms = round((time.perf_counter() - started) * 1e3, 2)
-                method = scope.get("method", "WS")
-                path = scope["path"]
-                access_log.info(
-                    "%s %s %d %.2fms",
-                    method,
-                    path,
-                    status,
-                    duration_ms,
-                    extra={
-                        "method": method,
-                        "path": path,
-                        "status": status,
-                        "duration_ms": duration_ms,
-                        "request_id": rid,
-                    },
-                )
+                _log_access(scope, status, time.perf_counter() - started, rid)
             request_id.reset(token)
