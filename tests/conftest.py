@@ -22,8 +22,6 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def free_port() -> int:
@@ -217,6 +215,14 @@ def server(
         redis.stop()
 
 
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server on the embedded default (memory://), shared by a test module."""
+    srv = start_server(tmp_path_factory.mktemp("embedded"))
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start servers with custom settings; each is stopped at the end of the test."""
@@ -287,32 +293,3 @@ async def quiet(
 def connect(url: str, **kwargs: Any) -> websockets.connect:
     """A real WebSocket client connection (an async context manager)."""
     return websockets.connect(url, max_size=None, open_timeout=10, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def base_url() -> str | None:
-    """Replaces pytest-base-url's fixture (a plugin-class method, deprecated by pytest 9):
-    browser tests navigate to their own server's URL."""
-    return None
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    """pytest-playwright's browser, made Debian's Chromium (no browser download, ever)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium; .ci/run does)")
-    return {
-        **browser_type_launch_args,
-        "executable_path": str(CHROMIUM),
-        "headless": True,
-        "args": [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ],
-    }

@@ -10,7 +10,8 @@ import httpx
 from tests.conftest import ROOT, Server, post
 
 
-async def test_pretty_lines(server: Server) -> None:
+async def test_pretty_lines(embedded_server: Server) -> None:
+    server = embedded_server
     """--pretty prints one readable line per message, not JSON, with the sensor and values."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "subscribe", "--url", server.ws_url,
