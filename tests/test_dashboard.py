@@ -128,3 +128,20 @@ async def test_dashboard_resumes_with_since(embedded_server: Server, page: Page)
     assert len(urls) >= 2
     assert "since=" in urls[-1] and "snapshot" not in urls[-1]
     assert "snapshot=true" in urls[0]
+
+
+async def test_dashboard_with_api_keys(server_factory, page: Page) -> None:
+    """Where keys are set, the page opened as /?key=... shows the live data with that key."""
+    reader, writer = "reader-key-0123456789abcdef", "writer-key-0123456789abcdef"
+    server = server_factory(api_keys=f"{reader}:subscribe,{writer}:ingest")
+    await page.goto(f"{server.url}/?key={reader}")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(
+            f"{server.url}/v1/readings",
+            json=readings("keyed-1", 0, 3),
+            headers={"X-API-Key": writer},
+        )
+    assert response.status_code == 202
+    await expect(page.locator('#sensors tr[data-sensor="keyed-1"] td').nth(2)).to_have_text("3")
+    await expect(page.locator("#subscribers")).to_have_text("1")

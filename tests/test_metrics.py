@@ -157,3 +157,38 @@ async def test_stats_for_the_dashboard(embedded_server: Server) -> None:
     assert second["subscribers"] >= 1
     assert second["time"] > first["time"]
     assert 0 < second["latency"]["p50_ms"] <= second["latency"]["p99_ms"] < 10_000
+
+
+ADMIN = "admin-key-0123456789abcdef"
+INGEST = "ingest-key-0123456789abcdef"
+
+
+async def test_metrics_need_admin_and_count_key_refusals(server_factory) -> None:
+    """Where keys are set, /metrics needs the admin scope, and POSTs refused for their key
+    are counted as unauthorized (401) or forbidden (403)."""
+    server = server_factory(api_keys=f"{ADMIN}:admin,{INGEST}:ingest")
+    admin = {"X-API-Key": ADMIN}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers={"X-API-Key": INGEST})).status_code == 403
+        assert (await http.get("/v1/stats")).status_code == 401
+        assert (await http.get("/")).status_code == 200  # the page holds no data
+        before = (await http.get("/metrics", headers=admin)).text
+        reading = [{"sensor_id": "keyed-1", "value": 1.0}]
+        assert (await post(http, reading)).status_code == 401
+        assert (await post(http, reading, headers={"X-API-Key": INGEST})).status_code == 202
+        after = (await http.get("/metrics", headers=admin)).text
+
+    def samples(text: str) -> Samples:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    first, second = samples(before), samples(after)
+    refused = "sensorcast_requests_refused_total"
+    unauthorized = {"reason": "unauthorized", "status": "401"}
+    assert value(second, refused, **unauthorized) - value(first, refused, **unauthorized) == 1
+    accepted = "sensorcast_readings_accepted_total"
+    assert value(second, accepted) - value(first, accepted) == 1

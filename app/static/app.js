@@ -11,7 +11,7 @@ const MAX_ROWS = 300;        // rows rendered in the sensor table
 const MAX_EVENTS = 50;       // recent anomalies listed
 
 const params = new URLSearchParams(location.search);
-const key = params.get("key");  // passed on where API keys are set
+const key = params.get("key");  // where API keys are set: a header on fetches, key= on the socket
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -34,7 +34,8 @@ function withKey(url) {
 }
 
 async function getJSON(url) {
-  const response = await fetch(withKey(url), { cache: "no-store" });
+  const headers = key ? { "X-API-Key": key } : {};
+  const response = await fetch(url, { cache: "no-store", headers });
   if (!response.ok) throw new Error(url + ": HTTP " + response.status);
   return response.json();
 }
