@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="URL that must answer 200 (default: /healthz on the port)")
     p.add_argument("--worker", action="store_true", help="check this host's worker heartbeat")
-    p.add_argument("--backend")
+    p.add_argument("--backend", help="with --worker: the Redis workers use")
     p.set_defaults(func=healthcheck)
     return parser
 
