@@ -1,4 +1,4 @@
-"""The ``sensorcast`` command: serve, worker, simulate, subscribe, bench."""
+"""The ``sensorcast`` command: serve, worker, simulate, subscribe, bench, healthcheck."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -147,6 +149,58 @@ def worker(args: argparse.Namespace) -> int:
     return asyncio.run(run_worker(settings))
 
 
+def healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the role running here is healthy, 1 otherwise (for container healthchecks).
+
+    With ``--worker``: a ``sensorcast worker`` on this host (its id starts with the host name,
+    which is the container's) heartbeat in Redis within ``lease_ttl_s``; workers have no HTTP
+    port. Otherwise: ``--url`` answers 200 (by default ``/healthz`` on the configured port).
+    """
+    try:
+        settings = _settings(args, ("backend",))
+    except ValidationError as exc:
+        return _fail(describe_error(exc))
+    if args.worker:
+        if not settings.backend.startswith("redis"):
+            return _fail("SENSORCAST_BACKEND: the worker role needs redis://...")
+        try:
+            alive = asyncio.run(_worker_heartbeats(settings))
+        except Exception as exc:
+            print(f"unhealthy: Redis: {exc}", file=sys.stderr)
+            return 1
+        if not alive:
+            print(f"unhealthy: no worker on {socket.gethostname()} heartbeats", file=sys.stderr)
+            return 1
+        print(f"healthy: {', '.join(alive)}")
+        return 0
+    import httpx
+
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = args.url or f"http://{host}:{settings.port}/healthz"
+    try:
+        status = httpx.get(url, timeout=settings.redis_timeout_s + 1).status_code
+    except httpx.HTTPError as exc:
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'healthy' if status == 200 else 'unhealthy'}: {url}: {status}")
+    return 0 if status == 200 else 1
+
+
+async def _worker_heartbeats(settings: Settings) -> list[str]:
+    from app.backends.redis import RedisBackend
+
+    backend = RedisBackend(settings.backend, timeout_s=settings.redis_timeout_s)
+    try:
+        since_ms = int((time.time() - settings.lease_ttl_s) * 1000)
+        members: list[bytes] = await backend.client.zrangebyscore(  # type: ignore[assignment]
+            backend.key("workers"), since_ms, "+inf"
+        )
+    finally:
+        await backend.disconnect()
+    prefix = f"{socket.gethostname()}-"
+    return [m.decode() for m in members if m.decode().startswith(prefix)]
+
+
 def subscribe(args: argparse.Namespace) -> int:
     from app.subscribe import run as run_subscribe
 
@@ -186,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="exit after this many predictions")
     p.add_argument("--pretty", action="store_true", help="readable lines for people, not JSON")
     p.set_defaults(func=subscribe)
+
+    p = commands.add_parser(
+        "healthcheck", help="exit 0 if the service (or, with --worker, the worker) here is healthy"
+    )
+    p.add_argument("--url", help="URL that must answer 200 (default: /healthz on the port)")
+    p.add_argument("--worker", action="store_true", help="check this host's worker heartbeat")
+    p.add_argument("--backend", help="with --worker: the Redis workers use")
+    p.set_defaults(func=healthcheck)
     return parser
 
 
