@@ -1,4 +1,10 @@
-"""``sensorcast subscribe``: print predictions as JSON lines, reconnecting and resuming."""
+"""``sensorcast subscribe``: print predictions as JSON lines, reconnecting and resuming.
+
+After any disconnect the client reconnects with ``since`` set to the last ``seq`` it printed
+(or, before the first message, the ``seq`` of the server's hello) and the ``epoch`` it came
+from, so it prints every kept message exactly once; what the server no longer keeps, or a
+restart, shows up as a ``gap`` line.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,23 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 
+REFUSED = {400, 401, 403, 404}
 
-def build_url(base: str, args: argparse.Namespace, since: int | None) -> str:
+
+def build_url(
+    base: str, args: argparse.Namespace, since: int | None, epoch: str | None = None
+) -> str:
     """The WebSocket URL with the query for the filters and the resume point.
 
     Examples:
         >>> ns = argparse.Namespace(sensor=["pump-*"], anomalies_only=True, batch=False, key=None)
-        >>> build_url("ws://h:1/v1/ws/predictions", ns, 7)
-        'ws://h:1/v1/ws/predictions?sensor=pump-%2A&anomalies_only=true&since=7'
+        >>> build_url("ws://h:1/v1/ws/predictions", ns, 7, "e1")
+        'ws://h:1/v1/ws/predictions?sensor=pump-%2A&anomalies_only=true&since=7&epoch=e1'
     """
     query: list[tuple[str, str]] = [("sensor", s) for s in args.sensor]
     if args.anomalies_only:
@@ -28,6 +38,8 @@ def build_url(base: str, args: argparse.Namespace, since: int | None) -> str:
         query.append(("batch", "true"))
     if since is not None:
         query.append(("since", str(since)))
+        if epoch is not None:
+            query.append(("epoch", epoch))
     if getattr(args, "key", None):
         query.append(("key", args.key))
     parts = urlsplit(base)
@@ -99,41 +111,77 @@ def pretty(item: dict[str, Any], color: bool = False) -> str:
     return json.dumps(item, separators=(",", ":"))
 
 
-async def run(args: argparse.Namespace) -> int:
+class Printer:
+    """Writes messages as JSON lines and remembers where to resume."""
+
+    def __init__(
+        self, out: TextIO, since: int | None, count: int | None, human: bool = False
+    ) -> None:
+        self.out = out
+        self.human = human
+        self.color = human and out.isatty() and "NO_COLOR" not in os.environ
+        self.last_seq = since
+        self.epoch: str | None = None
+        self.count = count
+        self.printed = 0
+
+    @property
+    def done(self) -> bool:
+        return self.count is not None and self.printed >= self.count
+
+    def handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "hello":
+            # A changed epoch is announced by the gap frame that follows.
+            self.epoch = message.get("epoch")
+            if self.last_seq is None:
+                self.last_seq = message.get("seq")
+            if self.human:
+                self.out.write(pretty(message, self.color) + "\n")
+            return
+        if kind == "subscribed":
+            return
+        if kind == "gap" and message.get("reason") == "epoch_changed":
+            self.last_seq = 0
+        items = message["items"] if kind == "predictions" else [message]
+        for item in items:
+            if self.done:
+                return
+            seq = item.get("seq")
+            if item.get("type") in {"prediction", "model"} and isinstance(seq, int):
+                if not item.get("snapshot"):
+                    self.last_seq = seq
+            if self.human:
+                self.out.write(pretty(item, self.color) + "\n")
+            else:
+                self.out.write(json.dumps(item, separators=(",", ":")) + "\n")
+            if item.get("type") == "prediction":
+                self.printed += 1
+        self.out.flush()
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Print every message after ``--since`` (or from now); reconnect with backoff."""
-    last_seq: int | None = args.since
-    printed = 0
-    delay = 0.5
-    out = sys.stdout
-    human = getattr(args, "pretty", False)
-    color = human and out.isatty() and "NO_COLOR" not in os.environ
+    printer = Printer(out, args.since, args.count, getattr(args, "pretty", False))
+    printer.epoch = getattr(args, "epoch", None)
+    delay = 0.2
     while True:
+        url = build_url(args.url, args, printer.last_seq, printer.epoch)
         try:
-            async with websockets.connect(build_url(args.url, args, last_seq)) as ws:
-                delay = 0.5
+            async with websockets.connect(url, max_size=None, open_timeout=10) as ws:
+                delay = 0.2
                 async for raw in ws:
-                    message = json.loads(raw)
-                    items = message["items"] if message.get("type") == "predictions" else [message]
-                    for item in items:
-                        seq = item.get("seq")
-                        if item.get("type") in {"prediction", "model"} and isinstance(seq, int):
-                            last_seq = seq
-                        if human:
-                            out.write(pretty(item, color) + "\n")
-                        else:
-                            out.write(json.dumps(item, separators=(",", ":")) + "\n")
-                        if item.get("type") == "prediction":
-                            printed += 1
-                    out.flush()
-                    if args.count is not None and printed >= args.count:
+                    printer.handle(json.loads(raw))
+                    if printer.done:
                         return 0
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
-            if status in {400, 401, 403, 404}:
-                print(f"sensorcast: the server refused: HTTP {status}", file=sys.stderr)
+            if status in REFUSED:
+                body = exc.response.body.decode(errors="replace") if exc.response.body else ""
+                print(f"sensorcast: the server refused: HTTP {status} {body}", file=sys.stderr)
                 return 1
-        except (OSError, websockets.ConnectionClosed, websockets.InvalidHandshake):
+        except (OSError, TimeoutError, websockets.ConnectionClosed, websockets.InvalidHandshake):
             pass
         print(f"sensorcast: disconnected; reconnecting in {delay:.1f} s", file=sys.stderr)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+        delay = min(delay * 2, 5.0)

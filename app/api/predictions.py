@@ -1,8 +1,10 @@
 """WS /v1/ws/predictions: live predictions, filtered, resumable.
 
-Each connection has two tasks: a relay that moves frames from the subscriber's bounded queue
-to the socket (so only this client waits on its network), and a reader of client frames
-(filter changes and the close).
+The route has two parts. The handshake parses the query and refuses what it cannot serve
+with an HTTP status before ``accept`` (checks such as API keys belong there too). After it,
+a :class:`Connection` runs two tasks: a relay that moves frames from the subscriber's
+bounded queue to the socket (so only this client waits on its network), and a reader of
+client frames (filter changes and the close).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.datastructures import QueryParams
+from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
 from app.api.auth import Scope, websocket_denial
@@ -33,13 +39,19 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 
+BATCH_MAX_ITEMS = 500
+"""Predictions per ``predictions`` frame: bounds a frame to a few hundred KiB."""
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_PATTERN_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-*?[]!")
+_PATTERN_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-*?[]!"
+)
+_EPOCH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 
 
 class BadQuery(ValueError):
-    pass
+    """A query parameter or client frame that cannot be served; the message says why."""
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -54,8 +66,10 @@ def _flag(value: str | None, name: str) -> bool:
 
 
 def _sensors(values: list[str]) -> list[str]:
+    if len(values) > 1000:
+        raise BadQuery("at most 1000 sensor filters")
     for value in values:
-        if not 1 <= len(value) <= 128 or not set(value) <= _PATTERN_CHARS:
+        if not 1 <= len(value) <= 128 or not _PATTERN_CHARS.issuperset(value):
             raise BadQuery(f"sensor {value!r}: an id ({SENSOR_ID_PATTERN}) or a glob with * ? [ ]")
     return values
 
@@ -63,39 +77,109 @@ def _sensors(values: list[str]) -> list[str]:
 def _since(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit():
+    if not value.isdigit() or len(value) > 19:
         raise BadQuery(f"since must be a non-negative integer seq, not {value!r}")
     return int(value)
 
 
-def _hello(hub: PredictionHub) -> str:
-    return json.dumps({"type": "hello", "epoch": hub.epoch, "seq": hub.latest_seq})
+def _epoch(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 64 or not _EPOCH_CHARS.issuperset(value):
+        raise BadQuery(f"epoch {value!r} is not an epoch this service would have sent")
+    return value
 
 
-def _gap(hub: PredictionHub, first: int, last: int) -> str:
-    return json.dumps(
-        {"type": "gap", "epoch": hub.epoch, "from_seq": first, "to_seq": last,
-         "missed": last - first + 1, "reason": "no longer kept"}
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Query:
+    """The parsed query of a subscription.
+
+    Examples:
+        >>> from starlette.datastructures import QueryParams
+        >>> q = Query.parse(QueryParams("sensor=pump-*&since=7&epoch=e1&batch=true"))
+        >>> q.filter.sensors, q.since, q.epoch, q.batch, q.snapshot
+        (['pump-*'], 7, 'e1', True, False)
+        >>> Query.parse(QueryParams("since=-1"))
+        Traceback (most recent call last):
+        ...
+        app.api.predictions.BadQuery: since must be a non-negative integer seq, not '-1'
+    """
+
+    filter: SensorFilter
+    since: int | None
+    epoch: str | None
+    snapshot: bool
+    batch: bool
+
+    @classmethod
+    def parse(cls, params: QueryParams) -> Query:
+        """Raises:
+        BadQuery: naming the first parameter that is wrong."""
+        return cls(
+            filter=SensorFilter(
+                _sensors(params.getlist("sensor")),
+                _flag(params.get("anomalies_only"), "anomalies_only"),
+            ),
+            since=_since(params.get("since")),
+            epoch=_epoch(params.get("epoch")),
+            snapshot=_flag(params.get("snapshot"), "snapshot"),
+            batch=_flag(params.get("batch"), "batch"),
+        )
+
+
+@router.websocket("/v1/ws/predictions")
+async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
+    """Stream predictions. See the README for the query parameters and frames."""
+    # Handshake: every refusal is an HTTP response before accept.
+    denial = websocket_denial(websocket, Scope.subscribe)
+    if denial is not None:
+        await _deny(websocket, denial.status, denial.detail)
+        return
+    try:
+        query = Query.parse(websocket.query_params)
+    except BadQuery as exc:
+        await _deny(websocket, 400, str(exc))
+        return
+    if hub.closing:
+        await _deny(websocket, 503, "server shutting down")
+        return
+    await websocket.accept()
+    await Connection(websocket, hub, query).run()
+
+
+async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
+    """Refuse the handshake with an HTTP response where the server supports it."""
+    try:
+        await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
+    except RuntimeError:
+        await websocket.close(CLOSE_POLICY, detail[:120])
+
+
+def _dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"))
 
 
 class Connection:
-    """One subscriber's socket."""
+    """One accepted subscriber socket."""
 
-    def __init__(self, websocket: WebSocket, hub: PredictionHub, batch: bool) -> None:
+    def __init__(self, websocket: WebSocket, hub: PredictionHub, query: Query) -> None:
         self.websocket = websocket
         self.hub = hub
-        self.batch = batch
+        self.query = query
+        # The relay owns the socket once accepted, so it calls the ASGI send directly and
+        # skips Starlette's per-message state checks: this is the per-frame hot path.
+        self._send: Send = websocket._send
         self.sub: Subscriber | None = None
+        self._last_seq = query.since or 0
+        """The seq of the last message sent: where this client may resume."""
 
     async def send_text(self, text: str) -> None:
-        await self.websocket.send({"type": "websocket.send", "text": text})
+        await self._send({"type": "websocket.send", "text": text})
 
     async def send_messages(self, messages: list[Message]) -> None:
-        if not messages:
-            return
-        if not self.batch:
-            send = self.websocket.send
+        """Send messages in order: one frame each, or ``predictions`` frames with batch."""
+        send = self._send
+        if not self.query.batch:
             for m in messages:
                 await send({"type": "websocket.send", "text": m.frame})
             return
@@ -103,31 +187,77 @@ class Connection:
         for m in messages:
             if m.kind == "prediction":
                 run.append(m.frame)
-                continue
+                if len(run) < BATCH_MAX_ITEMS:
+                    continue
             if run:
                 await self.send_text('{"type":"predictions","items":[' + ",".join(run) + "]}")
                 run = []
-            await self.send_text(m.frame)
+            if m.kind != "prediction":
+                await self.send_text(m.frame)
         if run:
             await self.send_text('{"type":"predictions","items":[' + ",".join(run) + "]}")
 
-    async def relay(self) -> None:
-        """Move frames from the queue to the socket until the hub closes or the peer goes."""
+    async def run(self) -> None:
+        """Serve the connection until the peer goes, the server closes, or the socket stalls."""
+        hub, query = self.hub, self.query
+        subscription = hub.subscribe(query.filter, query.since, query.epoch, query.snapshot)
+        sub = self.sub = subscription.subscriber
+        hello = _dumps({"type": "hello", "epoch": hub.epoch, "seq": hub.latest_seq})
+        relay = asyncio.create_task(
+            self.relay(hello, subscription.snapshot, subscription.gap, subscription.replay),
+            name="ws-relay",
+        )
+        reader = asyncio.create_task(self.read(), name="ws-read")
+        sub.on_stall = relay.cancel
+        tasks = [relay, reader]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = None if task.cancelled() else task.exception()
+                if error is not None and not isinstance(error, WebSocketDisconnect | OSError):
+                    log.warning("subscriber ended with %r", error)
+        finally:
+            hub.unsubscribe(sub)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def relay(
+        self, hello: str, snapshot: list[str], gap: dict[str, Any] | None, replay: list[Message]
+    ) -> None:
+        """Send what the subscription is owed, then move frames from the queue to the socket
+        until the hub closes or the peer goes."""
         sub = self.sub
         assert sub is not None
+        sub.busy_since = time.monotonic()
+        await self.send_text(hello)
+        for frame in snapshot:
+            await self.send_text(frame)
+        if gap is not None:
+            await self.send_text(_dumps(gap))
+        await self.send_messages(replay)
+        if replay:
+            self._last_seq = replay[-1].seq
+        del snapshot, replay
+        wake = sub.wake
         while True:
-            await sub.wake.wait()
+            sub.busy_since = None
+            await wake.wait()
             if sub.overflowed:
-                await self.websocket.close(
-                    CLOSE_TRY_LATER, "subscriber too slow; reconnect with since"
-                )
+                reason = f"too slow; resume with since={self._last_seq}"
+                await self.websocket.close(CLOSE_TRY_LATER, reason)
                 return
             messages = sub.take()
+            sub.busy_since = time.monotonic()
             if sub.dropped:
                 dropped, sub.dropped = sub.dropped, 0
-                await self.send_text(json.dumps({"type": "lagged", "dropped": dropped}))
-            await self.send_messages(messages)
-            if self.hub.closing and not sub.queue:
+                await self.send_text(_dumps({"type": "lagged", "dropped": dropped}))
+            if messages:
+                await self.send_messages(messages)
+                self._last_seq = messages[-1].seq
+            if self.hub.closing and not sub.queued:
                 await self.websocket.close(CLOSE_GOING_AWAY, "server shutting down")
                 return
 
@@ -143,98 +273,54 @@ class Connection:
             await self.on_text(event.get("text") or "")
 
     async def on_text(self, text: str) -> None:
+        """A ``subscribe`` frame replaces the filter; anything else gets an ``error`` frame."""
         try:
             message = json.loads(text)
-            if not isinstance(message, dict) or message.get("type") != "subscribe":
-                raise BadQuery('expected {"type": "subscribe", ...}')
-            sensors = message.get("sensors", message.get("sensor", []))
-            if isinstance(sensors, str):
-                sensors = [sensors]
-            if not isinstance(sensors, list) or not all(isinstance(s, str) for s in sensors):
-                raise BadQuery("sensors must be a list of ids or globs")
-            anomalies_only = message.get("anomalies_only", False)
-            if not isinstance(anomalies_only, bool):
-                raise BadQuery("anomalies_only must be true or false")
-            new_filter = SensorFilter(_sensors(sensors), anomalies_only)
+            new_filter = self.parse_subscribe(message)
         except (ValueError, BadQuery) as exc:
             reason = str(exc) if isinstance(exc, BadQuery) else "not valid JSON"
-            await self.send_text(json.dumps({"type": "error", "reason": reason}))
+            await self.send_text(_dumps({"type": "error", "reason": reason}))
             return
-        assert self.sub is not None
-        self.sub.filter = new_filter
+        sub = self.sub
+        assert sub is not None
+        # Swap the filter and purge what the new one does not want in one step: every
+        # frame numbered above the seq in the reply follows the new filter.
+        sub.filter = new_filter
+        if sub.latest is None:
+            kept = new_filter.select(list(sub.queue))
+            sub.queue.clear()
+            sub.queue.extend(kept)
+        else:
+            sub.latest = {k: m for k, m in sub.latest.items() if new_filter.wants(m)}
         await self.send_text(
-            json.dumps(
+            _dumps(
                 {
                     "type": "subscribed",
                     "sensors": new_filter.sensors,
-                    "anomalies_only": anomalies_only,
+                    "anomalies_only": new_filter.anomalies_only,
                     "seq": self.hub.latest_seq,
                 }
-            )  # fmt: skip
-        )
-
-
-@router.websocket("/v1/ws/predictions")
-async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
-    """Stream predictions. See the README for the query parameters and frames."""
-    denial = websocket_denial(websocket, Scope.subscribe)
-    if denial is not None:
-        await _deny(websocket, denial.status, denial.detail)
-        return
-    params = websocket.query_params
-    try:
-        filter = SensorFilter(
-            _sensors(params.getlist("sensor")),
-            _flag(params.get("anomalies_only"), "anomalies_only"),
-        )
-        since = _since(params.get("since"))
-        snapshot = _flag(params.get("snapshot"), "snapshot")
-        batch = _flag(params.get("batch"), "batch")
-    except BadQuery as exc:
-        await _deny(websocket, 400, str(exc))
-        return
-    if hub.closing:
-        await _deny(websocket, 503, "server shutting down")
-        return
-
-    await websocket.accept()
-    conn = Connection(websocket, hub, batch)
-    sub, replay, gap_from = hub.subscribe(filter, since)
-    conn.sub = sub
-    tasks: list[asyncio.Task[Any]] = []
-    try:
-        await conn.send_text(_hello(hub))
-        if snapshot:
-            for frame in hub.snapshot(filter):
-                await conn.send_text(frame)
-        if gap_from is not None:
-            await conn.send_text(
-                _gap(hub, gap_from, replay[0].seq - 1 if replay else hub.latest_seq)
             )
-        await conn.send_messages(replay)
-        tasks = [
-            asyncio.create_task(conn.relay(), name="ws-relay"),
-            asyncio.create_task(conn.read(), name="ws-read"),
-        ]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            error = task.exception()
-            if error is not None and not isinstance(error, WebSocketDisconnect | OSError):
-                log.warning("subscriber ended with %s", type(error).__name__)
-    except (WebSocketDisconnect, OSError):
-        pass
-    finally:
-        hub.unsubscribe(sub)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        )
 
+    @staticmethod
+    def parse_subscribe(message: object) -> SensorFilter:
+        """The filter a ``subscribe`` frame asks for.
 
-async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
-    """Refuse the handshake with an HTTP response where the server supports it."""
-    try:
-        await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
-    except RuntimeError:
-        await websocket.close(CLOSE_POLICY, detail[:120])
+        Raises:
+            BadQuery: the frame is not a well-formed ``subscribe``.
+        """
+        if not isinstance(message, dict) or message.get("type") != "subscribe":
+            raise BadQuery('expected {"type": "subscribe", "sensors": [...]}')
+        unknown = set(message) - {"type", "sensors", "sensor", "anomalies_only"}
+        if unknown:
+            raise BadQuery(f"unknown fields: {', '.join(sorted(unknown))}")
+        sensors = message.get("sensors", message.get("sensor", []))
+        if isinstance(sensors, str):
+            sensors = [sensors]
+        if not isinstance(sensors, list) or not all(isinstance(s, str) for s in sensors):
+            raise BadQuery("sensors must be a list of ids or globs")
+        anomalies_only = message.get("anomalies_only", False)
+        if not isinstance(anomalies_only, bool):
+            raise BadQuery("anomalies_only must be true or false")
+        return SensorFilter(_sensors(sensors), anomalies_only)

@@ -4,6 +4,7 @@ The hub reads the backend's ``predictions`` channel (so every API replica sees e
 keeps a bounded history indexed by ``seq`` for resumes, and pushes each message into the
 bounded queue of every subscriber whose filter matches. It never awaits a subscriber: a
 slow client only ever fills its own queue, and the configured policy decides what it loses.
+Frames are the publisher's encoded text; the hub hands the same string to every subscriber.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import json
 import logging
 import re
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,10 +29,13 @@ from app.pipeline.publish import CHANNEL, Message, decode_batch
 log = logging.getLogger(__name__)
 
 RECENT_PER_SENSOR = 20
+_GLOB_CHARS = frozenset("*?[")
 
 
 class SensorFilter:
     """Which messages a subscriber wants: sensor ids or globs, and anomalies only.
+
+    Model frames follow the sensor filter; ``anomalies_only`` concerns predictions alone.
 
     Examples:
         >>> f = SensorFilter(["pump-*", "fan-1"])
@@ -39,13 +45,16 @@ class SensorFilter:
         True
     """
 
+    __slots__ = ("sensors", "anomalies_only", "everything", "key", "_ids", "_glob", "_cache")
+
     def __init__(self, sensors: Iterable[str] = (), anomalies_only: bool = False) -> None:
         self.sensors = sorted(set(sensors))
         self.anomalies_only = anomalies_only
         self.everything = not self.sensors
-        ids = {s for s in self.sensors if not any(c in s for c in "*?[")}
-        globs = [s for s in self.sensors if s not in ids]
-        self._ids = ids
+        self.key = (tuple(self.sensors), anomalies_only)
+        """Equal for equal filters: the hub filters a batch once per distinct filter."""
+        self._ids = {s for s in self.sensors if not _GLOB_CHARS.intersection(s)}
+        globs = [s for s in self.sensors if s not in self._ids]
         self._glob = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
         self._cache: dict[str, bool] = {}
 
@@ -65,66 +74,168 @@ class SensorFilter:
             return False
         return self.wants_sensor(message.sensor_id)
 
+    def select(self, messages: list[Message]) -> list[Message]:
+        if self.everything and not self.anomalies_only:
+            return messages
+        return [m for m in messages if self.wants(m)]
+
+
+class History:
+    """Recent messages in ``seq`` order, bounded by count and by age.
+
+    Parallel lists with a moving head rather than a deque, so that :meth:`after` finds a
+    resume point by bisection; the dead prefix is compacted once it outweighs the rest.
+
+    Examples:
+        >>> from app.pipeline.publish import Message
+        >>> h = History(max_frames=3, max_age_s=60)
+        >>> h.extend([Message(s, "prediction", "a", False, str(s)) for s in range(1, 6)], now=0)
+        >>> h.oldest_seq, [m.seq for m in h.after(3)], len(h)
+        (3, [4, 5], 3)
+    """
+
+    def __init__(self, max_frames: int, max_age_s: float) -> None:
+        self.max_frames = max_frames
+        self.max_age_s = max_age_s
+        self._seqs: list[int] = []
+        self._messages: list[Message] = []
+        self._times: list[float] = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._seqs) - self._head
+
+    @property
+    def oldest_seq(self) -> int | None:
+        return self._seqs[self._head] if len(self) else None
+
+    def extend(self, messages: list[Message], now: float) -> None:
+        self._seqs.extend([m.seq for m in messages])
+        self._messages.extend(messages)
+        self._times.extend([now] * len(messages))
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        head = max(self._head, len(self._seqs) - self.max_frames)
+        horizon = now - self.max_age_s
+        times = self._times
+        if head < len(times) and times[head] < horizon:
+            head = bisect_right(times, horizon, lo=head)
+        self._head = head
+        if head > 1024 and head * 2 > len(self._seqs):
+            del self._seqs[:head], self._messages[:head], self._times[:head]
+            self._head = 0
+
+    def after(self, seq: int) -> list[Message]:
+        """The kept messages numbered above ``seq``, in order."""
+        start = bisect_right(self._seqs, seq, lo=self._head)
+        return self._messages[start:]
+
 
 class Subscriber:
-    """One WebSocket client's bounded queue of frames."""
+    """One client's bounded queue of messages.
+
+    The hub calls :meth:`push_many`, which never blocks; the client's relay task waits on
+    :attr:`wake` and :meth:`take` s everything queued. When the queue is full the policy
+    applies: ``drop_oldest`` drops the oldest messages, ``latest_per_sensor`` keeps only the
+    newest message of each sensor (still in ``seq`` order), and ``disconnect`` sets
+    :attr:`overflowed` and queues nothing more. :attr:`dropped` counts what was lost since
+    the relay last reported it.
+    """
+
+    __slots__ = (
+        "filter", "max_frames", "policy", "queue", "latest", "floor",
+        "dropped", "dropped_total", "overflowed", "wake", "busy_since", "on_stall",
+    )  # fmt: skip
 
     def __init__(self, filter: SensorFilter, max_frames: int, policy: SlowClientPolicy) -> None:
         self.filter = filter
         self.max_frames = max_frames
         self.policy = policy
         self.queue: deque[Message] = deque()
+        self.latest: dict[tuple[str, str], Message] | None = None
+        """With ``latest_per_sensor``, once the queue overflowed: the conflated queue."""
+        self.floor = 0
+        """Messages numbered at or below this are skipped (already delivered by a replay)."""
         self.dropped = 0
-        """Messages dropped since the last ``lagged`` notice."""
+        """Messages dropped since the relay last sent a ``lagged`` notice."""
         self.dropped_total = 0
         """Messages dropped over the subscriber's life (for metrics)."""
         self.overflowed = False
-        """With the ``disconnect`` policy: the queue overflowed and the client must go."""
         self.wake = asyncio.Event()
-
-    def push(self, message: Message) -> None:
-        queue = self.queue
-        if len(queue) >= self.max_frames:
-            if self.policy is SlowClientPolicy.disconnect:
-                self.overflowed = True
-                self.wake.set()
-                return
-            if self.policy is SlowClientPolicy.latest_per_sensor:
-                self._conflate(message)
-                return
-            queue.popleft()
-            self.dropped += 1
-            self.dropped_total += 1
-        queue.append(message)
-        self.wake.set()
+        self.busy_since: float | None = None
+        """Set by the relay while it waits on the socket: the hub reaps stalled peers."""
+        self.on_stall: Callable[[], object] | None = None
 
     def push_many(self, messages: list[Message]) -> None:
-        if len(self.queue) + len(messages) <= self.max_frames:
-            self.queue.extend(messages)
-            if messages:
-                self.wake.set()
+        if not messages or self.overflowed:
             return
-        for message in messages:
-            self.push(message)
-
-    def _conflate(self, message: Message) -> None:
-        # Keep, per sensor, only its newest message; order by seq is preserved.
-        latest: dict[tuple[str, str], Message] = {}
-        for queued in self.queue:
-            latest[(queued.kind, queued.sensor_id)] = queued
-        latest[(message.kind, message.sensor_id)] = message
-        kept = sorted(latest.values(), key=lambda m: m.seq)
-        lost = len(self.queue) + 1 - len(kept)
-        self.dropped += lost
-        self.dropped_total += lost
-        self.queue = deque(kept[-self.max_frames :])
+        if messages[0].seq <= self.floor:
+            messages = [m for m in messages if m.seq > self.floor]
+            if not messages:
+                return
+        queue = self.queue
+        if self.latest is None and len(queue) + len(messages) <= self.max_frames:
+            queue.extend(messages)
+        elif self.policy is SlowClientPolicy.drop_oldest:
+            queue.extend(messages)
+            excess = len(queue) - self.max_frames
+            self._lose(excess)
+            if excess > len(queue) // 2:
+                self.queue = deque(list(queue)[excess:])
+            else:
+                for _ in range(excess):
+                    queue.popleft()
+        elif self.policy is SlowClientPolicy.latest_per_sensor:
+            self._conflate(messages)
+        else:
+            self.overflowed = True
+            queue.clear()
         self.wake.set()
 
+    def _conflate(self, messages: list[Message]) -> None:
+        latest = self.latest
+        if latest is None:
+            latest = self.latest = {}
+            self._conflate_into(latest, self.queue)
+            self.queue.clear()
+        self._conflate_into(latest, messages)
+        while len(latest) > self.max_frames:
+            # More distinct sensors than room: the oldest sensor's message goes.
+            del latest[next(iter(latest))]
+            self._lose(1)
+
+    def _conflate_into(
+        self, latest: dict[tuple[str, str], Message], items: Iterable[Message]
+    ) -> None:
+        # Re-inserting a key moves it last, so the dict stays in seq order.
+        pop = latest.pop
+        dropped = 0
+        for m in items:
+            key = (m.kind, m.sensor_id)
+            if pop(key, None) is not None:
+                dropped += 1
+            latest[key] = m
+        self._lose(dropped)
+
+    def _lose(self, count: int) -> None:
+        self.dropped += count
+        self.dropped_total += count
+
     def take(self) -> list[Message]:
-        taken = list(self.queue)
-        self.queue.clear()
+        """Everything queued, in ``seq`` order; the queue is left empty."""
+        if self.latest is not None:
+            taken = list(self.latest.values())
+            self.latest = None
+        else:
+            taken = list(self.queue)
+            self.queue.clear()
         self.wake.clear()
         return taken
+
+    @property
+    def queued(self) -> int:
+        return len(self.latest) if self.latest is not None else len(self.queue)
 
 
 @dataclass
@@ -138,8 +249,30 @@ class SensorSummary:
     last_seen: float = 0.0
 
 
+@dataclass
+class Subscription:
+    """What a new subscriber is owed before its live stream, taken in one synchronous step."""
+
+    subscriber: Subscriber
+    replay: list[Message]
+    """Kept messages after ``since`` that match the filter."""
+    snapshot: list[str]
+    """The latest prediction of each matching sensor, when asked for."""
+    gap: dict[str, Any] | None
+    """The ``gap`` frame owed first, if ``since`` reaches beyond what is kept."""
+
+
 class PredictionHub:
-    """Receives published messages and fans them out."""
+    """Receives published messages and fans them out.
+
+    Args:
+        backend: Where messages come from (``subscribe(CHANNEL)``) and the epoch is read.
+        history_max_frames: Messages kept for resumes.
+        history_max_age_s: How long a message is kept for resumes.
+        subscriber_queue_frames: Each subscriber's queue bound.
+        policy: What happens to a subscriber whose queue is full.
+        stall_timeout_s: A subscriber whose socket accepts nothing for this long is dropped.
+    """
 
     def __init__(
         self,
@@ -149,38 +282,44 @@ class PredictionHub:
         history_max_age_s: float,
         subscriber_queue_frames: int,
         policy: SlowClientPolicy,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         self.backend = backend
-        self.history: deque[tuple[float, Message]] = deque()
-        self.history_max_frames = history_max_frames
-        self.history_max_age_s = history_max_age_s
+        self.history = History(history_max_frames, history_max_age_s)
         self.subscriber_queue_frames = subscriber_queue_frames
         self.policy = policy
+        self.stall_timeout_s = stall_timeout_s
         self.subscribers: set[Subscriber] = set()
         self.sensors: dict[str, SensorSummary] = {}
         self.latest_seq = 0
         self.epoch = ""
+        self.closing = False
+        """Set at shutdown: relays flush their queues and close with 1001."""
+        self.reaped = 0
+        """Subscribers dropped because their socket stalled."""
         self.slow_disconnects = 0
         """Subscribers that left after overflowing (policy ``disconnect``)."""
         self._dropped_gone = 0
-        self.closing = False
-        """Set at shutdown: relays flush their queues and close with 1001."""
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
-        if self._task is None:
+        if not self._tasks:
             self.epoch = await self.backend.epoch()
-            self._task = asyncio.create_task(self._listen(), name="hub-listen")
+            self._tasks = [
+                asyncio.create_task(self._listen(), name="hub-listen"),
+                asyncio.create_task(self._reap(), name="hub-reap"),
+            ]
             await self._listening.wait()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
     async def close_subscribers(self, timeout_s: float) -> None:
         """Let every subscriber flush what it has queued, then close it with 1001."""
@@ -212,7 +351,7 @@ class PredictionHub:
         async with self.backend.subscribe(CHANNEL) as payloads:
             # What the backend kept (Redis) fills the history, so resumes work on a replica
             # that has just started.
-            for first, payload in await self.backend.recent(CHANNEL, self.history_max_frames):
+            for first, payload in await self.backend.recent(CHANNEL, self.history.max_frames):
                 self.dispatch(decode_batch(first, payload, self.epoch))
             self._listening.set()
             async for first, payload in payloads:
@@ -221,60 +360,101 @@ class PredictionHub:
                 except Exception:
                     log.exception("dropping a malformed message batch")
 
+    async def _reap(self) -> None:
+        # A peer that takes no bytes at all cannot be reached by a close frame either;
+        # its relay is cancelled so that its queue and task go (the socket's own buffer is
+        # bounded by the transport's high-water mark).
+        period = max(0.05, min(1.0, self.stall_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            horizon = time.monotonic() - self.stall_timeout_s
+            for sub in list(self.subscribers):
+                since = sub.busy_since
+                if since is not None and since < horizon and sub.on_stall is not None:
+                    log.warning("dropping a subscriber whose socket stalled")
+                    self.reaped += 1
+                    sub.on_stall()
+                    self.unsubscribe(sub)
+
     def dispatch(self, messages: list[Message]) -> None:
         """Record a batch and push it to every matching subscriber (never awaits)."""
         if not messages:
             return
         now = time.monotonic()
-        history = self.history
         sensors = self.sensors
         for message in messages:
-            history.append((now, message))
             summary = sensors.get(message.sensor_id)
             if summary is None:
                 summary = sensors[message.sensor_id] = SensorSummary(message.sensor_id)
-            summary.last_seen = now
-            if message.kind == "prediction":
+            if message.kind == "model":
+                summary.model_version = json.loads(message.frame).get("model_version", 0)
+            else:
                 summary.count += 1
                 summary.last = message.frame
                 summary.recent.append(message.frame)
                 if message.is_anomaly:
                     summary.anomalies += 1
-        self._trim(now)
+        self.history.extend(messages, now)
         self.latest_seq = max(self.latest_seq, messages[-1].seq)
         self._changed.set()
+        selected: dict[tuple[tuple[str, ...], bool], list[Message]] = {}
         for sub in self.subscribers:
             f = sub.filter
             if f.everything and not f.anomalies_only:
                 sub.push_many(messages)
-            else:
-                sub.push_many([m for m in messages if f.wants(m)])
-
-    def _trim(self, now: float) -> None:
-        history = self.history
-        while len(history) > self.history_max_frames:
-            history.popleft()
-        horizon = now - self.history_max_age_s
-        while history and history[0][0] < horizon:
-            history.popleft()
+                continue
+            chosen = selected.get(f.key)
+            if chosen is None:
+                chosen = selected[f.key] = f.select(messages)
+            sub.push_many(chosen)
 
     def subscribe(
-        self, filter: SensorFilter, since: int | None = None
-    ) -> tuple[Subscriber, list[Message], int | None]:
-        """Register a subscriber; return it, the kept messages after ``since``, and the first
-        seq lost (or None) when ``since`` reaches back beyond the history.
+        self,
+        filter: SensorFilter,
+        since: int | None = None,
+        epoch: str | None = None,
+        snapshot: bool = False,
+    ) -> Subscription:
+        """Register a subscriber with what it is owed before its live stream.
 
-        Registration and the replay are taken in one step, so the live stream continues
-        exactly where the replay ends: no duplicates and no holes.
+        Registration, replay and snapshot are taken in one synchronous step, so the live
+        stream continues exactly where they end: no duplicates and no holes.
+
+        Args:
+            filter: What the subscriber wants.
+            since: Resume after this ``seq``; ``None`` starts from now.
+            epoch: The epoch ``since`` belongs to. When it is not this hub's (or, without it,
+                when ``since`` is above anything numbered here), numbering restarted: the
+                gap frame says so and every kept message of the current epoch is replayed.
+            snapshot: Also return the latest prediction of each matching sensor.
         """
         sub = Subscriber(filter, self.subscriber_queue_frames, self.policy)
         self.subscribers.add(sub)
+        self.history.trim(time.monotonic())
+        frames = self.snapshot(filter) if snapshot else []
         if since is None:
-            return sub, [], None
-        replay = [m for _, m in self.history if m.seq > since and filter.wants(m)]
-        oldest = self.history[0][1].seq if self.history else self.latest_seq + 1
-        gap_from = since + 1 if since + 1 < oldest and since < self.latest_seq else None
-        return sub, replay, gap_from
+            return Subscription(sub, [], frames, None)
+        oldest = self.history.oldest_seq or self.latest_seq + 1
+        gap: dict[str, Any] | None = None
+        if (epoch is not None and epoch != self.epoch) or (
+            epoch is None and since > self.latest_seq
+        ):
+            gap = {
+                "type": "gap", "epoch": self.epoch, "previous_epoch": epoch,
+                "reason": "epoch_changed", "since": since,
+                "from_seq": 1, "to_seq": oldest - 1, "missed": oldest - 1,
+            }  # fmt: skip
+            since = 0
+        elif since + 1 < oldest:
+            gap = {
+                "type": "gap", "epoch": self.epoch, "reason": "expired", "since": since,
+                "from_seq": since + 1, "to_seq": oldest - 1, "missed": oldest - 1 - since,
+            }  # fmt: skip
+        elif since > self.latest_seq:
+            # This replica has not yet seen what the client saw elsewhere: skip it live.
+            sub.floor = since
+        replay = filter.select(self.history.after(since))
+        return Subscription(sub, replay, frames, gap)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -289,9 +469,13 @@ class PredictionHub:
         return self._dropped_gone + sum(s.dropped_total for s in self.subscribers)
 
     def snapshot(self, filter: SensorFilter) -> list[str]:
-        """The latest prediction of every sensor the filter wants, ordered by sensor id."""
+        """The latest prediction of every sensor the filter wants, ordered by sensor id.
+
+        ``anomalies_only`` does not apply: the snapshot is each sensor's current state.
+        """
+        # Marked, so that a resuming client can tell them from the replay that follows.
         return [
-            s.last
+            s.last[:-1] + ',"snapshot":true}'
             for sid, s in sorted(self.sensors.items())
             if s.last is not None and filter.wants_sensor(sid)
         ]
@@ -304,14 +488,12 @@ class PredictionHub:
         return None if summary is None else self._describe(summary, recent=True)
 
     def _describe(self, s: SensorSummary, *, recent: bool) -> dict[str, Any]:
-        import json
-
         last = json.loads(s.last) if s.last else None
         out: dict[str, Any] = {
             "sensor_id": s.sensor_id,
             "count": s.count,
             "anomalies": s.anomalies,
-            "model_version": last["model_version"] if last else 0,
+            "model_version": max(s.model_version, last["model_version"] if last else 0),
             "last_reading": (
                 {"ts": last["ts"], "values": last["values"], "id": last.get("id")} if last else None
             ),
