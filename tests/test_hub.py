@@ -1,0 +1,104 @@
+"""The hub's data structures in process: history bounds, queue policies, resume points."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.backends.memory import MemoryBackend
+from app.config import SlowClientPolicy
+from app.pipeline.hub import History, PredictionHub, SensorFilter, Subscriber
+from app.pipeline.publish import Message
+
+
+def messages(first: int, count: int, sensors: int = 3) -> list[Message]:
+    return [
+        Message(s, "prediction", f"s{s % sensors}", s % 10 == 0, f'{{"seq":{s}}}')
+        for s in range(first, first + count)
+    ]
+
+
+def test_history_is_bounded_by_count_and_age() -> None:
+    """History keeps at most max_frames messages, none older than max_age_s, found by seq."""
+    h = History(max_frames=5000, max_age_s=10)
+    for t in range(20):
+        h.extend(messages(1 + t * 1000, 1000), now=float(t))
+    assert len(h) == 5000 and h.oldest_seq == 15_001
+    h.trim(now=27.5)
+    assert h.oldest_seq == 18_001 and len(h) == 2000
+    assert [m.seq for m in h.after(19_995)] == [19_996, 19_997, 19_998, 19_999, 20_000]
+    assert h.after(0)[0].seq == 18_001 and h.after(20_000) == []
+
+
+def test_drop_oldest_keeps_the_newest_and_counts_the_rest() -> None:
+    """drop_oldest: the queue keeps the newest max_frames messages; dropped counts the others."""
+    sub = Subscriber(SensorFilter(), max_frames=100, policy=SlowClientPolicy.drop_oldest)
+    for first in range(1, 1001, 50):
+        sub.push_many(messages(first, 50))
+    taken = sub.take()
+    assert [m.seq for m in taken] == list(range(901, 1001)) and sub.dropped == 900
+
+
+def test_latest_per_sensor_keeps_one_message_per_sensor_in_seq_order() -> None:
+    """latest_per_sensor: after overflow only each sensor's newest message, in seq order."""
+    sub = Subscriber(SensorFilter(), max_frames=10, policy=SlowClientPolicy.latest_per_sensor)
+    for first in range(1, 301, 7):
+        sub.push_many(messages(first, 7, sensors=4))
+    taken = sub.take()
+    assert [m.seq for m in taken] == [298, 299, 300, 301]
+    assert sub.dropped + len(taken) == 301
+    sub.push_many(messages(302, 3))
+    assert [m.seq for m in sub.take()] == [302, 303, 304]
+
+
+def test_disconnect_policy_marks_the_subscriber_and_frees_its_queue() -> None:
+    """disconnect: overflow marks the subscriber and queues nothing more."""
+    sub = Subscriber(SensorFilter(), max_frames=10, policy=SlowClientPolicy.disconnect)
+    sub.push_many(messages(1, 8))
+    assert not sub.overflowed
+    sub.push_many(messages(9, 8))
+    sub.push_many(messages(17, 8))
+    assert sub.overflowed and sub.queued == 0
+
+
+@pytest.mark.parametrize("since", [0, 50, 99, 100, 150])
+async def test_subscribe_resumes_without_duplicates_or_holes(since: int) -> None:
+    """Replay plus live stream from any since: exactly the seqs after it, each once."""
+    hub = PredictionHub(
+        MemoryBackend(),
+        history_max_frames=100,
+        history_max_age_s=60,
+        subscriber_queue_frames=1000,
+        policy=SlowClientPolicy.drop_oldest,
+    )
+    async with hub:
+        hub.dispatch(messages(1, 150))
+        sub = hub.subscribe(SensorFilter(), since=since, epoch=hub.epoch)
+        hub.dispatch(messages(151, 20))
+        got = [m.seq for m in sub.replay] + [m.seq for m in sub.subscriber.take()]
+    first_kept = 51
+    if since + 1 < first_kept:
+        assert sub.gap is not None and sub.gap["from_seq"] == since + 1
+        assert sub.gap["to_seq"] == first_kept - 1
+        assert got == list(range(first_kept, 171))
+    else:
+        assert sub.gap is None and got == list(range(since + 1, 171))
+
+
+async def test_filters_are_applied_once_per_distinct_filter() -> None:
+    """Subscribers with equal filters share one selection; each gets only what it wants."""
+    hub = PredictionHub(
+        MemoryBackend(),
+        history_max_frames=10,
+        history_max_age_s=60,
+        subscriber_queue_frames=1000,
+        policy=SlowClientPolicy.drop_oldest,
+    )
+    async with hub:
+        subs = [hub.subscribe(SensorFilter(["s1"])).subscriber for _ in range(3)]
+        anomalies = hub.subscribe(SensorFilter([], anomalies_only=True)).subscriber
+        hub.dispatch(messages(1, 30))
+        await asyncio.sleep(0)
+    assert all([m.seq for m in s.take()] == list(range(1, 31, 3)) for s in subs)
+    assert [m.seq for m in anomalies.take()] == [10, 20, 30]
