@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 import httpx
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed
 
