@@ -15,6 +15,10 @@ The client is a minimal frame parser on raw sockets (one process, uvloop), cheap
 the server is the limit. Usage::
 
     .venv/bin/python bench/fanout.py [--subscribers 100 1000] [--seconds 4] [--reps 1]
+
+Each N runs saturated and then paced (``--paced``, 20,000 frames/s offered by default, as in
+the machine's ceiling runs): saturated figures give the throughput ratio, paced ones a
+latency that is not just the length of the backlog the saturating driver keeps.
 """
 
 from __future__ import annotations
@@ -170,13 +174,19 @@ async def drive(args: argparse.Namespace, sink: Sink) -> int:
     """POST readings, keeping ``window`` of them not yet received by every subscriber."""
     import httpx
 
-    chunk = max(1, args.window // 4)
+    per_s = args.rate / args.n
+    chunk = max(1, round(per_s / 100)) if args.rate else max(1, args.window // 4)
     posted = 0
     seq = 0
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=30) as http:
-        end = time.monotonic() + args.seconds
+        start = time.monotonic()
+        end = start + args.seconds
         while time.monotonic() < end:
-            if posted - min(sink.counts) + chunk > args.window:
+            if args.rate:
+                due = start + posted / per_s
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+            elif posted - min(sink.counts) + chunk > args.window:
                 await asyncio.sleep(0.001)
                 continue
             body = [
@@ -232,9 +242,15 @@ async def ceiling_server(args: argparse.Namespace) -> None:
         await ready.wait()
         await asyncio.sleep(0.3)
         conns = list(clients)
-        end = time.perf_counter() + args.seconds
+        start = time.perf_counter()
+        end = start + args.seconds
+        rounds_per_s = args.rate / args.n
         seq = 0
         while time.perf_counter() < end:
+            if args.rate:
+                due = start + seq / rounds_per_s
+                if due > time.perf_counter():
+                    await asyncio.sleep(due - time.perf_counter())
             seq += 1
             stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
             broadcast(conns, template % (seq, stamp))
@@ -286,10 +302,12 @@ def start_sensorcast(port: int, workers: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("sensorcast did not become ready")
 
 
-def run_client_process(mode: str, port: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_client_process(
+    mode: str, port: int, n: int, rate: float, args: argparse.Namespace
+) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "_client", "--mode", mode, "--port", str(port), "--n", str(n),
-        "--seconds", str(args.seconds), "--window", str(args.window),
+        "--seconds", str(args.seconds), "--window", str(args.window), "--rate", str(rate),
         "--path", PATH if mode == "sensorcast" else "/",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + 120)
@@ -300,23 +318,24 @@ def run_client_process(mode: str, port: int, n: int, args: argparse.Namespace) -
     return result
 
 
-def measure(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(mode: str, n: int, rate: float, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     if mode == "sensorcast":
         server = start_sensorcast(port, args.workers)
     else:
         cmd = [sys.executable, __file__, "_ceiling", "--port", str(port), "--n", str(n),
-               "--seconds", str(args.seconds)]  # fmt: skip
+               "--seconds", str(args.seconds), "--rate", str(rate)]  # fmt: skip
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         wait_port(port, 30)
     try:
-        if args.profile and mode == "sensorcast" and n == max(args.subscribers):
+        profiling = args.profile and mode == "sensorcast" and n == max(args.subscribers)
+        if profiling and not rate:
             profile = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-o", args.profile,
                  "-d", str(int(args.seconds) + 2), "-p", str(server.pid), "-f", "raw"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        result = run_client_process(mode, port, n, args)
+        result = run_client_process(mode, port, n, rate, args)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -324,9 +343,9 @@ def measure(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    if args.profile and mode == "sensorcast" and n == max(args.subscribers):
+    if profiling and not rate:
         profile.wait(30)
-    return {"server": mode, "subscribers": n, **result}
+    return {"server": mode, "subscribers": n, "offered": rate, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,43 +357,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="sensorcast model workers")
     parser.add_argument("--json", type=Path, help="write every run here")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the largest N run")
+    parser.add_argument(
+        "--paced",
+        type=float,
+        nargs="*",
+        default=[20_000.0],
+        help="also run at these offered frames/s in total (latency below saturation)",
+    )
     args = parser.parse_args(argv)
 
+    rates = [0.0, *args.paced]
     runs: list[dict[str, Any]] = []
     for rep in range(args.reps):
         for n in args.subscribers:
-            for mode in ("broadcast", "sensorcast"):
-                r = measure(mode, n, args)
-                r["rep"] = rep
-                runs.append(r)
-                print(
-                    f"rep {rep} {mode:10s} N={n:5d} {r['frames_per_s']:9.0f} frames/s "
-                    f"p50 {r['p50_ms']:7.1f} ms p99 {r['p99_ms']:7.1f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    print("| subscribers | broadcast() frames/s | p99 ms | sensorcast frames/s | p99 ms | ratio |")
-    print("|---|---|---|---|---|---|")
+            for rate in rates:
+                for mode in ("broadcast", "sensorcast"):
+                    r = measure(mode, n, rate, args)
+                    r["rep"] = rep
+                    runs.append(r)
+                    print(
+                        f"rep {rep} {mode:10s} N={n:5d} offered {rate or 'max':>7} "
+                        f"{r['frames_per_s']:9.0f} frames/s "
+                        f"p50 {r['p50_ms']:7.1f} ms p99 {r['p99_ms']:7.1f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    print(
+        "| subscribers | offered frames/s | broadcast() frames/s | p50 / p99 ms "
+        "| sensorcast frames/s | p50 / p99 ms | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n in args.subscribers:
-        ratios, rows = [], {}
-        for mode in ("broadcast", "sensorcast"):
-            mine = [r for r in runs if r["server"] == mode and r["subscribers"] == n]
-            rows[mode] = (
-                statistics.median(r["frames_per_s"] for r in mine),
-                statistics.median(r["p99_ms"] for r in mine),
+        for rate in rates:
+            rows = {}
+            for mode in ("broadcast", "sensorcast"):
+                mine = [
+                    r
+                    for r in runs
+                    if r["server"] == mode and r["subscribers"] == n and r["offered"] == rate
+                ]
+                rows[mode] = [
+                    statistics.median(r[k] for r in mine)
+                    for k in ("frames_per_s", "p50_ms", "p99_ms")
+                ]
+            ratios = []
+            for rep in range(args.reps):
+                pair = {
+                    r["server"]: r["frames_per_s"]
+                    for r in runs
+                    if r["subscribers"] == n and r["rep"] == rep and r["offered"] == rate
+                }
+                ratios.append(pair["sensorcast"] / pair["broadcast"])
+            (bf, b50, b99), (sf, s50, s99) = rows["broadcast"], rows["sensorcast"]
+            print(
+                f"| {n:,} | {f'{rate:,.0f}' if rate else 'saturated'} | {bf:,.0f} "
+                f"| {b50:.1f} / {b99:.1f} | {sf:,.0f} | {s50:.1f} / {s99:.1f} "
+                f"| {statistics.median(ratios):.2f} |"
             )
-        for rep in range(args.reps):
-            pair = {
-                r["server"]: r["frames_per_s"]
-                for r in runs
-                if r["subscribers"] == n and r["rep"] == rep
-            }
-            ratios.append(pair["sensorcast"] / pair["broadcast"])
-        (bf, bp), (sf, sp) = rows["broadcast"], rows["sensorcast"]
-        print(
-            f"| {n:,} | {bf:,.0f} | {bp:.1f} | {sf:,.0f} | {sp:.1f} | "
-            f"{statistics.median(ratios):.2f} |"
-        )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0
@@ -388,6 +427,7 @@ if __name__ == "__main__":
         sub.add_argument("--n", type=int, required=True)
         sub.add_argument("--seconds", type=float, default=4.0)
         sub.add_argument("--window", type=int, default=200)
+        sub.add_argument("--rate", type=float, default=0.0)
         sub.add_argument("--path", default="/")
         ns = sub.parse_args(sys.argv[2:])
         (client_main if sys.argv[1] == "_client" else ceiling_main)(ns)
