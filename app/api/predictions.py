@@ -245,12 +245,13 @@ class Connection:
         while True:
             sub.busy_since = None
             await wake.wait()
+            # From here until the next wait, a socket that takes nothing gets reaped.
+            sub.busy_since = time.monotonic()
             if sub.overflowed:
                 reason = f"too slow; resume with since={self._last_seq}"
                 await self.websocket.close(CLOSE_TRY_LATER, reason)
                 return
             messages = sub.take()
-            sub.busy_since = time.monotonic()
             if sub.dropped:
                 dropped, sub.dropped = sub.dropped, 0
                 await self.send_text(_dumps({"type": "lagged", "dropped": dropped}))
