@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api import (
     dashboard,
+    debug,
     errors,
     health,
     metrics as metrics_api,
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
     app.include_router(dashboard.router)
+    app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app
