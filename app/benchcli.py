@@ -40,6 +40,7 @@ SCRIPTS = (
     Script("ingest", "3. ingest against no-op endpoints", 240, 60),
     Script("e2e", "4. end to end, POST to frame", 240, 90),
     Script("fanout", "5. fan-out against websockets broadcast()", 180, 60),
+    Script("hotpath", "service-process cost per reading, step by step", 60, 30),
     Script("model_stage", "model stage alone", 120, 40),
     Script("model_quality", "model quality", 180, 60),
 )
