@@ -218,7 +218,10 @@ def run(quick: bool, only: list[str], out_dir: Path | None) -> int:
     started = datetime.now(UTC)
     scripts: dict[str, dict[str, Any]] = {}
     for script in selected:
+        load_before = os.getloadavg()[0]
         scripts[script.name] = _run_script(script, quick, out_dir)
+        # The 1-minute load average says how much else ran on the machine meanwhile.
+        scripts[script.name]["load_average"] = [load_before, os.getloadavg()[0]]
     text = table(scripts)
     print()
     print(text)
@@ -233,6 +236,10 @@ def run(quick: bool, only: list[str], out_dir: Path | None) -> int:
     png_path = out_dir / "latest.png"
     plotted = plot(scripts, png_path)
     print(f"\nmachine: {info['cores']} cores, {info['cpu']}, Python {info['python']}")
+    for name, data in scripts.items():
+        if data["status"] == "ok":
+            before, after = data["load_average"]
+            print(f"{name}: {data['seconds']} s, load average {before:.1f} -> {after:.1f}")
     print(f"wrote {json_path}" + (f" and {png_path}" if plotted else " (nothing to plot)"))
     failed = [n for n, d in scripts.items() if d["status"] in {"failed", "timeout"}]
     return 1 if failed else 0

@@ -24,7 +24,7 @@ _frame = msgspec.json.Decoder()
 
 
 async def run(url: str, start: float, end: float, latency: bool) -> dict[str, float]:
-    predictions = models = 0
+    predictions = models = lagged = 0
     latencies: list[float] = []
     cpu0 = wall0 = 0.0
     async with connect(url, max_size=None, compression=None, ping_interval=None) as ws:
@@ -45,6 +45,9 @@ async def run(url: str, start: float, end: float, latency: bool) -> dict[str, fl
                 cpu0, wall0 = time.process_time(), time.perf_counter()
             assert isinstance(frame, str)
             models += frame.count('"type":"model"')
+            if frame.startswith('{"type": "lagged"') or frame.startswith('{"type":"lagged"'):
+                lagged += int(json.loads(frame)["dropped"])
+                continue
             if not latency:
                 predictions += frame.count('"type":"prediction"')
                 continue
@@ -59,6 +62,7 @@ async def run(url: str, start: float, end: float, latency: bool) -> dict[str, fl
     return {
         "predictions": predictions,
         "models": models,
+        "dropped": lagged,
         "rate": predictions / (end - start),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),

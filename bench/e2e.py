@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -44,7 +45,7 @@ from bench.scaling import run_pool
 
 RATES = (1_000, 5_000, 10_000)
 REQUESTS_PER_S = 100
-LATENCY_SENSORS = 200
+LATENCY_SENSORS = 20
 
 
 def subscribe(url: str, start: float, end: float, latency: bool) -> subprocess.Popen[str]:
@@ -69,7 +70,7 @@ def result_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
     raise RuntimeError(f"subscriber gave no result: {out[-1000:]}")
 
 
-def _latency_body(per_request: int):  # type: ignore[no-untyped-def]
+def _latency_body(per_request: int) -> Callable[[int], bytes]:
     def body(n: int) -> bytes:
         now = time.time()
         items = [
@@ -109,11 +110,15 @@ def main() -> None:
             sub = subscribe(svc.ws_url, start, end, latency=True)
             sent = asyncio.run(offer(svc.url, rate, end + 0.2))
             r = result_of(sub)
+            lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s})
+            r["loop_lag_p99_ms"] = lag.json()["p99_ms"]
             latencies[rate] = r
             print(
                 f"offered {rate:,}/s: delivered {r['rate']:,.0f}/s, POST->frame p50 "
                 f"{r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.1f} ms, "
-                f"{r['models']} model frames, requests {sent}",
+                f"{r['models']} model frames, loop lag p99 {r['loop_lag_p99_ms']:.2f} ms, "
+                f"subscriber CPU {r['client_cpu']:.2f}, dropped for it {r['dropped']}, "
+                f"requests {sent}",
                 flush=True,
             )
         body = readings_body(1000, 100)
@@ -159,6 +164,9 @@ def main() -> None:
             "e2e", f"delivered at {rate // 1000}k readings/s offered", r["rate"], "readings/s"
         )
         results.row("e2e", f"model swaps seen at {rate // 1000}k readings/s", r["models"], "frames")
+        results.row(
+            "e2e", f"event-loop lag p99 at {rate // 1000}k readings/s", r["loop_lag_p99_ms"], "ms"
+        )
     results.series["latency"] = {
         "kind": "line",
         "x": list(RATES),
