@@ -93,7 +93,7 @@ async def offer(url: str, rate: int, until: float) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args(__doc__ or "")
-    warmup_s, duration_s = (1.0, 3.0) if args.quick else (2.0, 6.0)
+    warmup_s, duration_s = (1.0, 2.5) if args.quick else (2.0, 6.0)
     results = Results("e2e")
     cores = os.cpu_count() or 1
     model = Settings().model

@@ -23,7 +23,7 @@ from app.config import Settings, SlowClientPolicy
 from app.pipeline import inference
 from app.pipeline.hub import PredictionHub, SensorFilter
 from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
-from app.pipeline.publish import Publisher, decode_envelope
+from app.pipeline.publish import Publisher, decode_batch
 from app.schemas import parse_json
 from bench._common import Results, parse_args, readings_body
 
@@ -74,8 +74,9 @@ def main() -> None:
         publisher = Publisher(backend)
         captured: list[bytes] = []
 
-        async def capture(channel: str, payload: bytes) -> None:
+        async def capture(channel: str, payload: bytes, count: int) -> int:
             captured.append(payload)
+            return 1
 
         backend.publish = capture  # type: ignore[method-assign]
 
@@ -87,7 +88,7 @@ def main() -> None:
             except StopIteration:
                 pass
 
-        steps["publish (frames + envelope)"] = timed(publish, budget)
+        steps["publish (envelope)"] = timed(publish, budget)
         payload = captured[-1]
         hub = PredictionHub(
             backend, history_max_frames=100_000, history_max_age_s=3600,
@@ -96,11 +97,11 @@ def main() -> None:
         sub, _, _ = hub.subscribe(SensorFilter())
 
         def dispatch() -> None:
-            hub.dispatch(decode_envelope(payload))
+            hub.dispatch(decode_batch(1, payload, "epoch"))
             sub.take()
 
-        steps["hub (decode envelope, dispatch)"] = timed(dispatch, budget)
-        messages = decode_envelope(payload)
+        steps["hub (frames from the envelope, dispatch)"] = timed(dispatch, budget)
+        messages = decode_batch(1, payload, "epoch")
         steps["batch=true frame (join)"] = timed(
             lambda: '{"type":"predictions","items":[' + ",".join(m.frame for m in messages) + "]}",
             budget,

@@ -36,7 +36,7 @@ BATCH_CONNECTIONS = 8
 
 def main() -> None:
     args = parse_args(__doc__ or "")
-    reps, duration_s = (1, 3.0) if args.quick else (3, 6.0)
+    reps, duration_s = (1, 2.0) if args.quick else (3, 6.0)
     results = Results("ingest")
     tool = load_tool()
     if tool != "wrk":
