@@ -37,6 +37,7 @@ Body = tuple[str, str, bool, bytes]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]])
+_new = tuple.__new__
 
 
 def encode_batch(bodies: list[Body]) -> bytes:
@@ -53,14 +54,14 @@ def decode_batch(first_seq: int, payload: bytes, epoch: str) -> list[Message]:
         '{"type":"prediction","seq":7,"epoch":"e1","sensor_id":"a"}'
     """
     head = '{"type":"%s","seq":%d,"epoch":"' + epoch + '",'
-    out: list[Message] = []
-    seq = first_seq
-    for kind, sensor_id, is_anomaly, body in _decoder.decode(payload):
-        out.append(
-            Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
+    # The hub's per-message loop: tuple.__new__ skips the NamedTuple's Python-level
+    # __new__, a third of this function's cost.
+    return [
+        _new(Message, (seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode()))
+        for seq, (kind, sensor_id, is_anomaly, body) in enumerate(
+            _decoder.decode(payload), first_seq
         )
-        seq += 1
-    return out
+    ]
 
 
 def batch_bodies(predictions: list[Prediction], swaps: list[Swap]) -> list[Body]:
