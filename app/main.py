@@ -8,6 +8,7 @@ and the backend disconnects last.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -95,6 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if isinstance(pipeline, Pipeline):
                 await pipeline.start()
             app.state.drain = drain
+            # What start-up made lives as long as the process: keep it out of every full
+            # collection, whose pauses stall the event loop.
+            gc.freeze()
             log.info(
                 "sensorcast %s ready: backend %s, %d workers, model %s",
                 __version__, backend.url, settings.workers, settings.model,
