@@ -18,6 +18,7 @@ from app.api.deps import Ingest
 from app.config import Settings
 from app.metrics import Metrics, count_refusal
 from app.pipeline.ingest import BodyBudget, Overloaded
+from app.pipeline.pipeline import Pipeline
 from app.schemas import (
     Accepted,
     BodyError,
@@ -146,6 +147,17 @@ async def _admit(
     limits = Limits(
         settings.max_channels, settings.max_sensor_id_chars, settings.max_reading_id_chars
     )
+    # At saturation most requests are refused. Counting the "sensor_id" keys costs a few
+    # percent of parsing, so a request that cannot fit is refused before it is parsed (the
+    # key appears once per reading, or more often if it is also a channel name). A request
+    # that could never fit is left to the 413 of the parser or the ingestor.
+    if isinstance(pipeline, Pipeline):
+        count = body.count(b'"sensor_id"')
+        queues = pipeline.queues
+        fits_ever = count <= min(settings.max_readings_per_request, queues[0].capacity)
+        if fits_ever and count > sum(q.free() for q in queues):
+            metrics.count_refusal("overloaded")
+            return _error(503, "the pipeline is full; retry later", {"Retry-After": "1"})
     try:
         readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
         if not readings:
