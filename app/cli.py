@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -210,6 +211,13 @@ def subscribe(args: argparse.Namespace) -> int:
         return 130
 
 
+def bench(args: argparse.Namespace) -> int:
+    from app.benchcli import run as run_bench
+
+    only = [name for value in args.only for name in value.split(",") if name]
+    return run_bench(args.quick, only, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sensorcast", description="Live predictions on sensor streams."
@@ -249,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help="check this host's worker heartbeat")
     p.add_argument("--backend", help="with --worker: the Redis workers use")
     p.set_defaults(func=healthcheck)
+
+    p = commands.add_parser("bench", help="run the benchmarks: a table, JSON and a PNG plot")
+    p.add_argument("--quick", action="store_true", help="short runs (about 2 minutes in all)")
+    p.add_argument(
+        "--only", action="append", default=[], help="run only these items (repeatable, or a,b)"
+    )
+    p.add_argument("--out", type=Path, help="where latest.json and latest.png go")
+    p.set_defaults(func=bench)
     return parser
 
 

@@ -8,6 +8,7 @@ and the backend disconnects last.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api import (
     dashboard,
+    debug,
     errors,
     health,
     metrics as metrics_api,
@@ -95,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if isinstance(pipeline, Pipeline):
                 await pipeline.start()
             app.state.drain = drain
+            # What start-up made lives as long as the process: keep it out of every full
+            # collection, whose pauses stall the event loop.
+            gc.freeze()
             log.info(
                 "sensorcast %s ready: backend %s, %d workers, model %s",
                 __version__, backend.url, settings.workers, settings.model,
@@ -119,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
     app.include_router(dashboard.router)
+    app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app

@@ -10,7 +10,6 @@ splicing ``type``, ``seq`` and ``epoch`` in front of the body.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 import msgspec
 
@@ -20,8 +19,14 @@ from app.pipeline.inference import Prediction, Swap
 CHANNEL = "predictions"
 
 
-class Message(NamedTuple):
-    """One server frame as the hub sees it."""
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """One server frame as the hub sees it.
+
+    A struct the garbage collector does not track (its fields cannot form cycles): the hub
+    keeps up to ``history_max_frames`` of them, and as NamedTuples (which CPython never
+    untracks) every full collection walked them all, a pause of the event loop of 50-90 ms
+    with 100,000 frames kept.
+    """
 
     seq: int
     kind: str
@@ -53,14 +58,12 @@ def decode_batch(first_seq: int, payload: bytes, epoch: str) -> list[Message]:
         '{"type":"prediction","seq":7,"epoch":"e1","sensor_id":"a"}'
     """
     head = '{"type":"%s","seq":%d,"epoch":"' + epoch + '",'
-    out: list[Message] = []
-    seq = first_seq
-    for kind, sensor_id, is_anomaly, body in _decoder.decode(payload):
-        out.append(
-            Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
+    return [
+        Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
+        for seq, (kind, sensor_id, is_anomaly, body) in enumerate(
+            _decoder.decode(payload), first_seq
         )
-        seq += 1
-    return out
+    ]
 
 
 def batch_bodies(predictions: list[Prediction], swaps: list[Swap]) -> list[Body]:

@@ -1,0 +1,1 @@
+"""Benchmarks: run them all with ``sensorcast bench`` (see ``bench/_common.py``)."""

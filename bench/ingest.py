@@ -1,0 +1,102 @@
+"""Ingest: POST /v1/readings against no-op endpoints that only parse, in the same run.
+
+- one reading per request against a FastAPI route taking one pydantic reading (``/one``);
+- 1,000 readings per request against a route that only decodes the same body with msgspec
+  (``/parse-msgspec``), and one with a pydantic ``list[Reading]`` body.
+
+The service and the reference app run at the same time on loopback, each one uvicorn process
+(the service's model workers are extra processes), and the configurations are interleaved and
+repeated so that the machine's noise hits both sides alike; ratios are taken per repetition,
+then the median. A batch POST whose readings the pipeline cannot take now is answered 503
+after being parsed, so "answered" counts parse and admission work and "accepted" what the
+model stage kept up with.
+
+Run: ``python -m bench.ingest [--quick] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from bench._common import (
+    Load,
+    Results,
+    fmt,
+    load_tool,
+    parse_args,
+    post_load,
+    readings_body,
+    reference_app,
+    service,
+)
+
+CONNECTIONS = 64
+BATCH_CONNECTIONS = 8
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    reps, duration_s = (1, 2.0) if args.quick else (3, 6.0)
+    results = Results("ingest")
+    tool = load_tool()
+    if tool != "wrk":
+        results.note("wrk not found: using the httpx load generator, so figures are client-bound")
+    one = readings_body(1, 1)
+    batch = readings_body(1000, 100)
+    runs: dict[str, list[Load]] = {}
+    with reference_app() as ref, service() as svc:
+        configs = {
+            "ref_one": (ref.url + "/one", one, CONNECTIONS),
+            "svc_one": (svc.url + "/v1/readings", one, CONNECTIONS),
+            "ref_batch_msgspec": (ref.url + "/parse-msgspec", batch, BATCH_CONNECTIONS),
+            "ref_batch_pydantic": (ref.url + "/parse-pydantic", batch, BATCH_CONNECTIONS),
+            "svc_batch": (svc.url + "/v1/readings", batch, BATCH_CONNECTIONS),
+        }
+        for url, body, conns in configs.values():  # warm-up, and JIT-free paths get hot
+            post_load(url, body, connections=conns, duration_s=1)
+        for rep in range(reps):
+            for name, (url, body, conns) in configs.items():
+                load = post_load(url, body, connections=conns, duration_s=duration_s)
+                runs.setdefault(name, []).append(load)
+                print(
+                    f"rep {rep} {name:20s} {fmt(load.rps):>8s} req/s "
+                    f"({fmt(load.ok_rps)} 2xx) p50 {load.p50_ms:.2f} ms p99 {load.p99_ms:.2f} ms "
+                    f"errors {load.errors}",
+                    flush=True,
+                )
+
+    def median(name: str, attr: str = "rps") -> float:
+        return statistics.median(getattr(r, attr) for r in runs[name])
+
+    def per_rep_ratio(a: str, b: str, attr_a: str = "rps", attr_b: str = "rps") -> float:
+        return statistics.median(
+            getattr(x, attr_a) / getattr(y, attr_b) for x, y in zip(runs[a], runs[b], strict=True)
+        )
+
+    one_ratio = per_rep_ratio("svc_one", "ref_one", "ok_rps")
+    results.row(
+        "ingest", "single-reading POST, service", median("svc_one", "ok_rps"), "req/s",
+        baseline="FastAPI+pydantic no-op", baseline_value=median("ref_one"),
+        ratio_value=one_ratio, target=">= 1.0x", met=one_ratio >= 1.0,
+    )  # fmt: skip
+    results.row("ingest", "single-reading POST p99, service", median("svc_one", "p99_ms"), "ms")
+    answered = per_rep_ratio("svc_batch", "ref_batch_msgspec")
+    results.row(
+        "ingest", "batch POST answered (1,000/request)", median("svc_batch") * 1000,
+        "readings/s", baseline="msgspec parse-only no-op",
+        baseline_value=median("ref_batch_msgspec") * 1000, ratio_value=answered,
+    )  # fmt: skip
+    results.row(
+        "ingest", "batch POST accepted (202)", median("svc_batch", "ok_rps") * 1000, "readings/s"
+    )
+    results.row(
+        "ingest", "batch parse-only no-op, pydantic body", median("ref_batch_pydantic") * 1000,
+        "readings/s", baseline="msgspec parse-only no-op",
+        baseline_value=median("ref_batch_msgspec") * 1000,
+        ratio_value=per_rep_ratio("ref_batch_pydantic", "ref_batch_msgspec"),
+    )  # fmt: skip
+    results.write(args.json)
+
+
+if __name__ == "__main__":
+    main()
