@@ -27,27 +27,29 @@ class State(TypedDict):
     hub: PredictionHub
 
 
-def _settings(request: Request) -> Settings:
+# Coroutines on purpose: FastAPI runs a plain-function dependency in its thread pool, which
+# costs more than the lookup itself on every request.
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def _pipeline(request: Request) -> Ingest:
+async def _pipeline(request: Request) -> Ingest:
     pipeline: Ingest = request.state.pipeline
     return pipeline
 
 
-def _hub(request: Request) -> PredictionHub:
+async def _hub(request: Request) -> PredictionHub:
     hub: PredictionHub = request.state.hub
     return hub
 
 
-def _ws_hub(websocket: WebSocket) -> PredictionHub:
+async def _ws_hub(websocket: WebSocket) -> PredictionHub:
     hub: PredictionHub = websocket.state.hub
     return hub
 
 
-def _ws_settings(websocket: WebSocket) -> Settings:
+async def _ws_settings(websocket: WebSocket) -> Settings:
     settings: Settings = websocket.state.settings
     return settings
 
