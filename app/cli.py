@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -49,6 +50,17 @@ class _DenialIsNotAnError(logging.Filter):
         return not record.getMessage().startswith("ASGI callable returned without completing")
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why models cannot be saved in ``path`` (created if missing), or None."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {str(path)!r}: {exc.strerror}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{str(path)!r} is not writable"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP/WebSocket service until SIGTERM or SIGINT, then drain and exit 0."""
     import uvicorn
@@ -64,6 +76,10 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"SENSORCAST_MODEL: {exc}")
     except ValueError as exc:
         return _fail(str(exc))
+    if settings.model_dir is not None:
+        problem = _unwritable(settings.model_dir)
+        if problem:
+            return _fail(f"SENSORCAST_MODEL_DIR: {problem}")
     configure_logging(settings.log_level, settings.log_format)
     config = uvicorn.Config(
         app,
@@ -218,6 +234,20 @@ def bench(args: argparse.Namespace) -> int:
     return run_bench(args.quick, only, args.out)
 
 
+def simulate(args: argparse.Namespace) -> int:
+    """Post simulated sensor readings with labelled anomalies to a running service."""
+    from app.simulate import run as run_simulation
+
+    if args.sensors < 1 or args.batch < 1 or args.duration <= 0 or args.channels < 1:
+        return _fail("--sensors, --batch, --channels and --duration must be positive")
+    if not 0 <= args.anomaly_rate <= 1:
+        return _fail("--anomaly-rate must be between 0 and 1")
+    try:
+        return asyncio.run(run_simulation(args))
+    except KeyboardInterrupt:
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sensorcast", description="Live predictions on sensor streams."
@@ -237,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--log-level", dest="log_level")
     p.set_defaults(func=worker)
+
+    p = commands.add_parser(
+        "simulate", help="post synthetic sensor readings with labelled anomalies to a service"
+    )
+    from app.simulate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=simulate)
 
     p = commands.add_parser("subscribe", help="print predictions as JSON lines")
     p.add_argument("--url", default="ws://127.0.0.1:8000/v1/ws/predictions")

@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.models.base import ModelOptions
+
 
 class SlowClientPolicy(StrEnum):
     """What happens to a subscriber whose send queue is full."""
@@ -68,9 +70,18 @@ class Settings(BaseSettings):
     """Processes that retrain models, apart from the shard workers."""
     executor: ExecutorKind = ExecutorKind.process
     """Benchmarks only: ``thread`` or ``inline`` run the model work in the service process."""
-    model: str = "app.models.simple:RollingZScore"
+    model: str = "app.models.ridge:RidgeForecaster"
     """The model class, as ``module:Class``."""
     model_dir: Path | None = None
+    """Where models and their windows are saved (on retrain and at shutdown) and loaded at
+    start; None keeps them in memory only."""
+    model_history_readings: int = Field(512, ge=32, le=100_000)
+    """Readings kept per sensor to refit its model on."""
+    model_warmup_readings: int = Field(48, ge=2, le=100_000)
+    """Readings a sensor needs before its first fit (predictions are ``warming_up`` until)."""
+    retrain_every_readings: int = Field(2_000, ge=1)
+    retrain_interval_s: float = Field(600.0, gt=0)
+    """A sensor's model is also refitted after this long, if it had new readings."""
 
     # Scale-out on Redis
     partitions: int = Field(16, ge=1, le=4096)
@@ -187,6 +198,15 @@ class Settings(BaseSettings):
         if scheme not in {"memory", "redis", "rediss"} or "://" not in value:
             raise ValueError(f"unknown backend {value!r}: use memory:// or redis://host:port/db")
         return value
+
+    def model_options(self) -> ModelOptions:
+        """The options every model instance is built with."""
+        return ModelOptions(
+            history_readings=self.model_history_readings,
+            warmup_readings=self.model_warmup_readings,
+            retrain_every_readings=self.retrain_every_readings,
+            retrain_interval_s=self.retrain_interval_s,
+        )
 
     @field_validator("model")
     @classmethod

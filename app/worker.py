@@ -88,6 +88,7 @@ class Worker:
             settings.trainer_workers,
             settings.model,
             settings.pool_start_timeout_s,
+            options=settings.model_options(),
         )
         self.owned: dict[int, asyncio.Task[None]] = {}
         self._releasing: set[int] = set()

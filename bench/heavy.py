@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from app.models.base import FloatArray, Observation
+from app.models.base import FloatArray, ModelOptions, Observation
 
 
 class Model:
@@ -24,7 +24,9 @@ class Model:
     fit_rows = 2000
     trees = 200
 
-    def __init__(self, sensor_id: str, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions | None = None
+    ) -> None:
         self.sensor_id = sensor_id
         self.channels = channels
         self.version = 0

@@ -7,10 +7,13 @@ training job when it wants one, the class's ``fit`` runs it in a trainer process
 result comes back through ``install`` between two batches, so a swap is atomic with respect
 to predictions.
 
+The constructor also gets the :class:`ModelOptions` taken from the settings (history length,
+warm-up, retraining cadence); a model may ignore them.
+
 A minimal model::
 
     class LastValue:
-        def __init__(self, sensor_id: str, channels: tuple[str, ...]) -> None:
+        def __init__(self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions):
             self.channels, self.version, self.last = channels, 0, None
 
         def observe(self, ts, values):
@@ -21,8 +24,12 @@ A minimal model::
 
         def training_job(self, now): return None
         def install(self, fitted): return False
+        def state(self): return self.last
+        def restore(self, state): self.last = state
         @staticmethod
         def fit(job): raise NotImplementedError
+
+``tests/plugin_model.py`` is a complete example, run end to end by the tests.
 """
 
 from __future__ import annotations
@@ -37,11 +44,26 @@ FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 
 
+class ModelOptions(NamedTuple):
+    """Settings every model is built with (from ``SENSORCAST_*``, see ``app/config.py``)."""
+
+    history_readings: int = 512
+    """Readings kept per sensor for refitting."""
+    warmup_readings: int = 48
+    """Readings needed before the first fit; predictions are ``warming_up`` until it lands."""
+    retrain_every_readings: int = 2000
+    """Refit after this many new readings."""
+    retrain_interval_s: float = 600.0
+    """Refit after this long (wall clock), if any new readings came in."""
+
+
 class Observation(NamedTuple):
     """What a model says about ``k`` readings of one sensor with ``c`` channels.
 
     Rows are in the order the readings were given. A row whose ``score`` is NaN is still
     warming up: the service sends it with ``status: "warming_up"`` and null forecast and score.
+    Each field may also be a plain list of the same shape (a model that scores in Python
+    saves the round trip through numpy).
     """
 
     forecast: FloatArray
@@ -97,7 +119,9 @@ class SensorModel(Protocol):
 class SensorModelClass(Protocol):
     """The class itself: a constructor and a static ``fit``."""
 
-    def __call__(self, sensor_id: str, channels: tuple[str, ...]) -> SensorModel: ...
+    def __call__(
+        self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions
+    ) -> SensorModel: ...
 
     @staticmethod
     def fit(job: Any) -> Any:
@@ -118,11 +142,15 @@ def load_model_class(path: str) -> SensorModelClass:
     module_name, _, class_name = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelPathError(f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # a plug-in may fail to import in any way: say so in one line
+        raise ModelPathError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ModelPathError(f"module {module_name!r} has no attribute {class_name!r}")
+    if not isinstance(cls, type):
+        raise ModelPathError(f"{path} is not a class")
     missing = [
         name
         for name in ("observe", "training_job", "install", "state", "restore", "fit")
@@ -130,5 +158,5 @@ def load_model_class(path: str) -> SensorModelClass:
     ]
     if missing:
         raise ModelPathError(f"{path} is not a model class: missing {', '.join(missing)}")
-    model_class: SensorModelClass = cls
+    model_class: SensorModelClass = cls  # type: ignore[assignment]
     return model_class

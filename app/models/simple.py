@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from app.models.base import FloatArray, Observation
+from app.models.base import FloatArray, ModelOptions, Observation
 
 
 class RollingZScore:
@@ -27,7 +27,13 @@ class RollingZScore:
     retrain_every = 500
     z_threshold = 4.0
 
-    def __init__(self, sensor_id: str, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions | None = None
+    ) -> None:
+        if options is not None:
+            self.history = options.history_readings
+            self.min_history = max(2, options.warmup_readings)
+            self.retrain_every = options.retrain_every_readings
         self.sensor_id = sensor_id
         self.channels = channels
         self.version = 0

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import select
 import threading
 import time
@@ -34,7 +35,7 @@ import msgspec
 import numpy as np
 
 from app.config import ExecutorKind
-from app.models.base import SensorModel, SensorModelClass, load_model_class
+from app.models.base import ModelOptions, SensorModel, SensorModelClass, load_model_class
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
@@ -91,19 +92,35 @@ class BatchResult(NamedTuple):
 
 
 _model_class: SensorModelClass | None = None
+_model_path = ""
+_options = ModelOptions()
+_model_dir: str | None = None
 _models: dict[str, SensorModel] = {}
 _encoder = msgspec.json.Encoder()
 _MAX_REASON_CHARS = 200
 
 
-def init_worker(model_path: str, service_pid: int | None = None) -> None:
+def init_worker(
+    model_path: str,
+    options: ModelOptions | None = None,
+    model_dir: str | None = None,
+    service_pid: int | None = None,
+) -> None:
     """Pool initializer: load the model class once per process.
 
-    With ``service_pid``, the worker exits as soon as that process is gone, even when it
-    was killed without a chance to shut the pool down: a worker never outlives its service.
+    Args:
+        model_path: ``module:Class`` of the model.
+        options: passed to every model instance.
+        model_dir: where each sensor's model is saved after a retrain, or None.
+        service_pid: the worker exits as soon as that process is gone, even when it was
+            killed without a chance to shut the pool down: a worker never outlives its
+            service.
     """
-    global _model_class
+    global _model_class, _model_path, _options, _model_dir
     _model_class = load_model_class(model_path)
+    _model_path = model_path
+    _options = options or ModelOptions()
+    _model_dir = model_dir
     _models.clear()
     if service_pid is not None:
         threading.Thread(
@@ -136,7 +153,7 @@ def _model_for(sensor_id: str, channels: tuple[str, ...]) -> SensorModel:
     if model is not None and model.channels == channels:
         return model
     assert _model_class is not None, "init_worker was not called"
-    fresh = _model_class(sensor_id, channels)
+    fresh = _model_class(sensor_id, channels, _options)
     if model is not None:
         # A sensor whose channels change starts a new model; versions keep rising.
         fresh.version = model.version
@@ -160,6 +177,9 @@ def _aligned(reading: Reading, channels: tuple[str, ...]) -> tuple[float, ...]:
 
 def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
     """Split one sensor's readings into runs with the same channel set."""
+    first = readings[indices[0]].channels
+    if all(readings[i].channels == first for i in indices):
+        return [indices]
     runs: list[list[int]] = []
     current: frozenset[str] | None = None
     for i in indices:
@@ -175,9 +195,7 @@ def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any
     """Rows of (forecast, score, is_anomaly) or an error reason, one per reading."""
     try:
         obs = model.observe(ts, values)
-        return list(
-            zip(obs.forecast.tolist(), obs.score.tolist(), obs.is_anomaly.tolist(), strict=True)
-        )
+        return list(zip(_list(obs.forecast), _list(obs.score), _list(obs.is_anomaly), strict=True))
     except Exception:
         if len(ts) == 1:
             raise
@@ -190,6 +208,10 @@ def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any
         except Exception as exc:
             rows.append(_reason(exc))
     return rows
+
+
+def _list(column: Any) -> list[Any]:
+    return column.tolist() if isinstance(column, np.ndarray) else list(column)
 
 
 def _reason(exc: BaseException) -> str:
@@ -211,6 +233,8 @@ def run_batch(
         model = _models.get(sensor_id)
         if model is not None and model.install(fitted):
             swaps.append(Swap(sensor_id, model.version))
+            if _model_dir is not None:
+                _save_one(sensor_id, model)
 
     by_sensor: dict[str, list[int]] = {}
     for i, r in enumerate(readings):
@@ -225,10 +249,13 @@ def run_batch(
         for run in _runs(readings, indices):
             channels = readings[run[0]].channels
             model = _model_for(sensor_id, channels)
-            ts = np.fromiter((readings[i].ts for i in run), dtype=np.float64, count=len(run))
-            values = np.array(
-                [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
-            )
+            ts = np.array([readings[i].ts for i in run], dtype=np.float64)
+            if channels == model.channels:
+                values = np.array([readings[i].values for i in run], dtype=np.float64)
+            else:
+                values = np.array(
+                    [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
+                )
             try:
                 scored = _observe(model, ts, values)
             except Exception as exc:
@@ -288,6 +315,65 @@ def fit_job(model_path: str, job: Any) -> Any:
     if cls is None:
         cls = _fit_classes[model_path] = load_model_class(model_path)
     return cls.fit(job)
+
+
+# Persistence: one file per sensor, ``<model_dir>/<sensor_id>.model``, written atomically by
+# the worker that owns the sensor (sensor ids never contain "/", so they are safe file names).
+
+MODEL_SUFFIX = ".model"
+_FORMAT = 1
+
+
+def _save_one(sensor_id: str, model: SensorModel) -> bool:
+    assert _model_dir is not None
+    record = {
+        "format": _FORMAT,
+        "model": _model_path,
+        "sensor_id": sensor_id,
+        "channels": model.channels,
+        "version": model.version,
+        "state": model.state(),
+    }
+    path = os.path.join(_model_dir, sensor_id + MODEL_SUFFIX)
+    temp = os.path.join(_model_dir, f".{sensor_id}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temp, path)
+    except Exception:
+        log.exception("cannot save the model of sensor %s", sensor_id)
+        return False
+    return True
+
+
+def save_states() -> int:
+    """Save every model of this worker to the model directory; returns how many."""
+    if _model_dir is None:
+        return 0
+    os.makedirs(_model_dir, exist_ok=True)
+    return sum(_save_one(sensor_id, model) for sensor_id, model in _models.items())
+
+
+def load_states(paths: list[str]) -> int:
+    """Load models saved by :func:`save_states`; returns how many were restored.
+
+    A file made by another model class, or that does not load, is skipped with a warning:
+    that sensor starts warming up again.
+    """
+    loaded = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                record = pickle.load(f)
+            if record.get("format") != _FORMAT or record.get("model") != _model_path:
+                log.warning("%s was saved by another model (%s); ignored", path, record["model"])
+                continue
+            model = _model_for(record["sensor_id"], tuple(record["channels"]))
+            model.restore(record["state"])
+            loaded += 1
+        except Exception:
+            log.exception("cannot load the model in %s; that sensor warms up again", path)
+    return loaded
 
 
 def export_states() -> dict[str, tuple[tuple[str, ...], Any]]:
@@ -351,8 +437,12 @@ class ShardPool:
         model_path: str,
         start_timeout_s: float,
         kind: ExecutorKind = ExecutorKind.process,
+        options: ModelOptions | None = None,
+        model_dir: str | None = None,
     ) -> None:
         self.size = shards
+        self._options = options or ModelOptions()
+        self._model_dir = model_dir
         self.kind = kind
         self._trainers = trainers
         self._model_path = model_path
@@ -377,12 +467,12 @@ class ShardPool:
                 max_workers=workers,
                 mp_context=_mp_context(),
                 initializer=init_worker,
-                initargs=(self._model_path, os.getpid()),
+                initargs=(self._model_path, self._options, self._model_dir, os.getpid()),
             )
         # Benchmarks only: every shard shares this process's module state, which is safe
         # because shards own disjoint sensors.
         if _model_class is None:
-            init_worker(self._model_path)
+            init_worker(self._model_path, self._options, self._model_dir)
         if self.kind is ExecutorKind.thread:
             return ThreadPoolExecutor(max_workers=workers)
         return _InlineExecutor()
@@ -489,6 +579,14 @@ class ShardPool:
                     self._trainer = self._executor(self._trainers)
                     await self._warm_trainer()
         raise AssertionError("unreachable")
+
+    async def save_states(self, shard: int) -> int:
+        """Have a shard's worker save its models to the model directory."""
+        return await self.submit(shard, save_states)
+
+    async def load_states(self, shard: int, paths: list[str]) -> int:
+        """Have a shard's worker load the saved models of its sensors."""
+        return await self.submit(shard, load_states, paths)
 
     async def export_states(self, shard: int) -> dict[str, tuple[tuple[str, ...], Any]]:
         return await self.submit(shard, export_states)

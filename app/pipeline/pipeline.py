@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections import defaultdict
 from typing import Any
 
 from app.backends.base import Backend
 from app.config import Settings
 from app.pipeline.batcher import Batcher
-from app.pipeline.inference import ShardPool, TrainingJob
+from app.pipeline.inference import MODEL_SUFFIX, ShardPool, TrainingJob
 from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
 from app.pipeline.publish import Publisher
 from app.schemas import Reading
@@ -32,6 +34,8 @@ class Pipeline:
             settings.model,
             settings.pool_start_timeout_s,
             settings.executor,
+            settings.model_options(),
+            str(settings.model_dir) if settings.model_dir is not None else None,
         )
         self.queues = [ShardQueue(settings.queue_max_readings) for _ in range(settings.workers)]
         self.ingestor = Ingestor(
@@ -84,6 +88,7 @@ class Pipeline:
         if self.started:
             return
         await self.pool.start()
+        await self._load_models()
         for batcher in self.batchers:
             batcher.start()
         self.started = True
@@ -102,6 +107,7 @@ class Pipeline:
         for task in self._training:
             task.cancel()
         await asyncio.gather(*self._training, return_exceptions=True)
+        await self._save_models()
         await self.pool.stop()
         self.started = False
 
@@ -111,6 +117,34 @@ class Pipeline:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    async def _load_models(self) -> None:
+        """Hand each shard the saved models of the sensors it owns (before readiness)."""
+        model_dir = self.settings.model_dir
+        if model_dir is None:
+            return
+        names = await asyncio.to_thread(_saved_models, str(model_dir))
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for sensor_id, path in names:
+            by_shard[self.ingestor.shard_of(sensor_id)].append(path)
+        counts = await asyncio.gather(
+            *(self.pool.load_states(shard, paths) for shard, paths in by_shard.items())
+        )
+        if names:
+            log.info("loaded %d of %d saved models from %s", sum(counts), len(names), model_dir)
+
+    async def _save_models(self) -> None:
+        if self.settings.model_dir is None:
+            return
+        shards = [shard for shard in range(self.pool.size) if self.pool.healthy[shard]]
+        counts = await asyncio.gather(
+            *(self.pool.save_states(shard) for shard in shards), return_exceptions=True
+        )
+        for shard, count in zip(shards, counts, strict=True):
+            if isinstance(count, BaseException):
+                log.error("shard %d: saving the models failed: %r", shard, count)
+        saved = sum(c for c in counts if isinstance(c, int))
+        log.info("saved %d models to %s", saved, self.settings.model_dir)
 
     def _train(self, job: TrainingJob) -> None:
         task = asyncio.create_task(self._fit(job), name=f"fit-{job.sensor_id}")
@@ -126,3 +160,13 @@ class Pipeline:
             log.exception("retraining sensor %s failed; keeping its model", job.sensor_id)
             fitted = None
         self.batchers[job.shard].install(job.sensor_id, fitted)
+
+
+def _saved_models(model_dir: str) -> list[tuple[str, str]]:
+    """``(sensor_id, path)`` of every model saved in ``model_dir`` (created if missing)."""
+    os.makedirs(model_dir, exist_ok=True)
+    return [
+        (name.removesuffix(MODEL_SUFFIX), os.path.join(model_dir, name))
+        for name in sorted(os.listdir(model_dir))
+        if name.endswith(MODEL_SUFFIX)
+    ]

@@ -1,0 +1,617 @@
+"""The default model: a ridge forecaster on lag features, judged by a few robust detectors.
+
+Forecast
+    Each channel has a linear model of its next *change* (``y[t] - y[t-1]``) on features that
+    do not depend on the level: the last ``LAGS`` values minus the latest one, the rolling mean
+    of the last ``WINDOW`` values minus the latest one, and the time of day (sine and cosine
+    of ``ts``). Fitted with scikit-learn's ``RidgeCV`` in the trainer pool, the coefficients
+    are folded into one weight per value of the window (they sum to one), so predicting is a
+    dot product with the last ``WINDOW`` values: no scikit-learn call on the hot path, and a
+    model fitted at one level keeps working after a level shift or along a trend.
+
+Anomaly score
+    A reading is judged against what the model expected of it, given its own ``ts``. Each
+    channel gives a robust z-score: the residual divided by the median absolute deviation of
+    the training residuals. Four statistics are divided by their thresholds:
+
+    - ``|z|`` over a per-sensor adaptive threshold (spikes, level shifts);
+    - a two-sided CUSUM of the clipped ``z`` (drift: small residuals of one sign);
+    - the mean of the clipped ``z**2`` over the last ``VAR_SPAN`` readings (noise bursts);
+    - the run of identical values against the run the training window makes unlikely
+      (stuck sensors);
+    - with several channels, the Mahalanobis distance of the residual vector under a robust
+      covariance (``MinCovDet``) fitted in the trainer (broken correlation between channels).
+
+    The largest ratio ``a`` makes ``is_anomaly = a > 1`` and ``anomaly_score = a²/(1 + a²)``:
+    0.5 at the threshold, 0.8 at twice it. A reading whose residual is an anomaly enters the
+    window as the forecast instead (for at most ``MAX_IMPUTED`` readings in a row, so a real
+    level shift is learnt), which keeps one spike from spoiling the next forecasts.
+
+Order
+    Lags follow the order of readings; time features use each reading's own ``ts``, so
+    irregular spacing places the seasonality correctly. A reading older than the sensor's
+    latest is scored against the current expectation (at its own ``ts``) and its forecast is
+    the current one, but it never enters the window or the detectors' state.
+
+Retraining
+    Every ``retrain_every_readings`` readings or ``retrain_interval_s`` seconds, and early when
+    the CUSUM says the residuals drift. A candidate replaces the current model only if its
+    median absolute error on the last quarter of the window (which the candidate was not
+    fitted on) is not worse than the current model's, within ``ACCEPT_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from operator import mul
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from app.models.base import BoolArray, FloatArray, ModelOptions, Observation
+
+LAGS = 8
+WINDOW = 16
+HORIZON = 32
+"""Readings ahead of the level forecaster, which sees slow drifts the one-step one follows."""
+SMOOTH = 8
+HORIZON_LAGS = False
+THRESHOLD_FACTOR = 2.8
+LEVEL_MIN_READINGS = 256
+"""Readings in the window before the level detector is used: its residuals are slow, so its
+scale needs a long window to be judged."""
+LEVEL_FACTOR = 4.0
+LEVEL_MIN_THRESHOLD = 3.0
+TAIL = WINDOW + HORIZON - 1
+"""Values kept per channel for scoring: the one-step window and the level window."""
+DAY_S = 86_400.0
+OMEGA = 2 * math.pi / DAY_S
+
+CUSUM_K = 0.5
+"""Slack of the CUSUM, in residual z units: drifts smaller than this are not accumulated."""
+CUSUM_H = 10.0
+"""CUSUM level that makes the residuals drift and the model refit early."""
+Z_CLIP = 3.0
+VAR_THRESHOLD = 4.2
+"""Mean clipped z² over ``SMOOTH`` readings that makes a noise burst."""
+MIN_Z_THRESHOLD = 4.5
+MAX_IMPUTED = 3
+MULTI_WIDEN = 0.12
+ACCEPT_TOLERANCE = 0.2
+STUCK_PROBABILITY = 1e-4
+MIN_NEW_READINGS = 16
+"""Readings needed since the last refit before a time- or drift-triggered refit."""
+
+
+class Linear(NamedTuple):
+    """A fitted forecaster folded into weights on a window of values."""
+
+    weights: tuple[float, ...]
+    """(WINDOW,): applied to ``WINDOW`` consecutive values, oldest first."""
+    intercept: float
+    w_sin: float
+    w_cos: float
+
+
+class ChannelFit(NamedTuple):
+    """The fitted forecasters and residual scales of one channel."""
+
+    step: Linear
+    """The next value from the last ``WINDOW`` values."""
+    scale: float
+    """Robust scale of its residuals (1.4826 × median absolute deviation)."""
+    threshold: float
+    """``|z|`` beyond which a residual is an anomaly (adaptive, at least ``MIN_Z_THRESHOLD``)."""
+    horizon: Linear
+    """The value ``HORIZON`` readings later, from a window that ends ``HORIZON`` readings back."""
+    level_scale: float
+    """Robust scale of its residuals averaged over ``SMOOTH`` readings."""
+    level_threshold: float
+    stuck_run: int
+    """Repeats of the same value that the training window makes unlikely."""
+
+
+class Fitted(NamedTuple):
+    """What the trainer sends back: the model and how it compared with the current one."""
+
+    channels: tuple[ChannelFit, ...]
+    precision: tuple[tuple[float, ...], ...] | None
+    """Robust precision matrix of the channels' z-scores, for the Mahalanobis distance."""
+    mv_threshold: float
+    interval_s: float
+    """Median spacing of the readings: the forecast is for ``ts + interval_s``."""
+    accepted: bool
+    error_new: float
+    error_current: float
+
+
+class TrainingJob(NamedTuple):
+    ts: FloatArray
+    values: FloatArray
+    """(n, c) values as they entered the window (anomalies replaced by forecasts)."""
+    flagged: BoolArray
+    """(n,) readings the model in use found anomalous: left out of the fit."""
+    current: Fitted | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting (in the trainer pool), vectorised with numpy over the whole window
+
+
+def _design(
+    ts: FloatArray, series: FloatArray, horizon: int
+) -> tuple[FloatArray, FloatArray, FloatArray, int]:
+    """Windows, features and targets of one channel for a forecast ``horizon`` readings ahead.
+
+    Returns ``(tails, features, target, first)``: row ``r`` predicts reading ``first + r``
+    from the ``WINDOW`` values ending ``horizon`` readings before it; the target is the
+    change from the last of those values.
+    """
+    first = WINDOW + horizon - 1
+    tails = np.lib.stride_tricks.sliding_window_view(series[: len(series) - horizon], WINDOW)
+    last = tails[:, -1:]
+    lag_diffs = tails[:, WINDOW - LAGS : WINDOW - 1][:, ::-1] - last  # y[t-2] .. y[t-LAGS]
+    mean_diff = tails.mean(axis=1, keepdims=True) - last
+    phase = OMEGA * ts[first:]
+    features = np.column_stack([lag_diffs, mean_diff, np.sin(phase), np.cos(phase)])
+    target = series[first:] - last[:, 0]
+    return tails, features, target, first
+
+
+def _fold(coef: FloatArray, intercept: float) -> Linear:
+    """Turn the coefficients on the level-free features into weights on the window."""
+    weights = np.zeros(WINDOW)
+    weights[-1] = 1.0  # the forecast is the last value plus the predicted change
+    for j in range(2, LAGS + 1):
+        weights[WINDOW - j] += coef[j - 2]
+        weights[-1] -= coef[j - 2]
+    c_mean = coef[LAGS - 1]
+    weights += c_mean / WINDOW
+    weights[-1] -= c_mean
+    return Linear(
+        tuple(weights.tolist()), float(intercept), float(coef[LAGS]), float(coef[LAGS + 1])
+    )
+
+
+def _expect(linear: Linear, tails: FloatArray, ts: FloatArray) -> FloatArray:
+    phase = OMEGA * ts
+    expected: FloatArray = (
+        tails @ np.asarray(linear.weights)
+        + linear.intercept
+        + linear.w_sin * np.sin(phase)
+        + linear.w_cos * np.cos(phase)
+    )
+    return expected
+
+
+def _ridge(features: FloatArray, target: FloatArray, daily: bool, lags: bool = True) -> Linear:
+    from sklearn.linear_model import RidgeCV
+
+    if not lags:
+        features = features.copy()
+        features[:, : LAGS - 1] = 0.0
+    if not daily:
+        # A window shorter than most of a day cannot place a daily cycle: the time features
+        # would only extrapolate noise.
+        features = features[:, :-2]
+    # Standardise so one penalty suits lags and time features alike.
+    scale = features.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    model = RidgeCV(alphas=(0.1, 1.0, 10.0, 100.0)).fit(features / scale, target)
+    coef = np.asarray(model.coef_) / scale
+    if not daily:
+        coef = np.concatenate([coef, [0.0, 0.0]])
+    return _fold(coef, float(model.intercept_))
+
+
+def _robust_scale(residuals: FloatArray, floor: float) -> float:
+    if len(residuals) == 0:
+        return max(floor, 1e-12)
+    mad = float(np.median(np.abs(residuals - np.median(residuals)))) * 1.4826
+    return max(mad, 0.1 * float(residuals.std()), floor)
+
+
+def _threshold(
+    z: FloatArray, factor: float = THRESHOLD_FACTOR, floor: float = MIN_Z_THRESHOLD
+) -> float:
+    """Adaptive threshold: well beyond the bulk of this sensor's own training scores.
+
+    The 90th percentile of ``|z|`` (1.64 on Gaussian residuals) is little moved by the few
+    anomalies a window may hold, and grows with heavy tails.
+    """
+    if len(z) == 0:
+        return floor
+    return float(np.clip(factor * np.quantile(np.abs(z), 0.9), floor, 12.0))
+
+
+def _spoilt(outlier: BoolArray, span: int) -> BoolArray:
+    """Rows whose window of ``span`` values up to and including their own holds an outlier."""
+    return np.convolve(outlier.astype(np.float64), np.ones(span))[: len(outlier)] > 0
+
+
+def _fit_channel(
+    ts: FloatArray, series: FloatArray, flagged: BoolArray
+) -> tuple[ChannelFit, FloatArray, BoolArray]:
+    """Fit one channel, leaving out rows whose target or window holds an outlier (a large
+    residual, or a reading the model in use flagged).
+
+    Returns the fit, the one-step z-scores of rows ``WINDOW..n-1`` and the mask of kept rows.
+    """
+    # A signal the model predicts (almost) exactly must not get a scale of rounding errors,
+    # which would make every last digit an anomaly: at least 2 % of its typical change.
+    floor = max(1e-9 * (1.0 + abs(float(np.median(series)))), 0.02 * float(np.diff(series).std()))
+    daily = bool(ts[-1] - ts[0] >= 0.75 * DAY_S)
+    # Readings that repeat the previous two are a stuck sensor, not data to learn from.
+    repeats = np.zeros(len(series), dtype=bool)
+    repeats[2:] = (series[2:] == series[1:-1]) & (series[1:-1] == series[:-2])
+    if repeats.mean() > 0.2:
+        repeats[:] = False  # a sensor that often repeats itself
+    tails, features, target, first = _design(ts, series, 1)
+    keep = np.ones(len(target), dtype=bool)
+    for _ in range(3):
+        step = _ridge(features[keep], target[keep], daily)
+        residuals = series[first:] - _expect(step, tails, ts[first:])
+        scale = _robust_scale(residuals[keep], floor)
+        outlier = repeats.copy()
+        outlier[first:] |= np.abs(residuals) > 5 * scale
+        spoilt = _spoilt(outlier, WINDOW + 1)[first:]
+        new_keep = ~spoilt
+        if new_keep.sum() < max(8, len(keep) // 2) or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    z = residuals / scale
+    threshold = _threshold(z[keep])
+
+    horizon = Linear((0.0,) * WINDOW, 0.0, 0.0, 0.0)
+    level_scale, level_threshold = 1.0, math.inf
+    if len(series) >= LEVEL_MIN_READINGS:
+        h_tails, h_features, h_target, h_first = _design(ts, series, HORIZON)
+        h_spoilt = _spoilt(outlier, WINDOW + HORIZON)[h_first:]
+        # The level forecaster also leaves out what the model in use flagged (a drift is
+        # not an outlier of the one-step forecaster), but its scale is judged on every row
+        # a large outlier does not spoil, so that flags cannot make the scale ever tighter.
+        h_fit = ~(h_spoilt | _spoilt(outlier | flagged, WINDOW + HORIZON)[h_first:])
+        if h_fit.sum() >= 32:
+            horizon = _ridge(h_features[h_fit], h_target[h_fit], daily, lags=HORIZON_LAGS)
+        e = series[h_first:] - _expect(horizon, h_tails, ts[h_first:])
+        smooth = np.convolve(e, np.ones(SMOOTH) / SMOOTH, "valid")
+        clean = ~np.convolve(~h_fit, np.ones(SMOOTH), "valid").astype(bool)
+        if h_fit.sum() >= 32 and clean.sum() >= 16:
+            level_scale = _robust_scale(smooth[clean], floor)
+            level_threshold = _threshold(
+                smooth[clean] / level_scale, LEVEL_FACTOR, LEVEL_MIN_THRESHOLD
+            )
+
+    deltas = np.diff(series)
+    p_same = float(np.mean(np.abs(deltas) <= 1e-12 * (1.0 + np.abs(series[1:]))))
+    if p_same == 0.0:
+        stuck_run = 3
+    elif p_same >= 0.5:
+        stuck_run = 1_000_000_000  # a sensor that often repeats itself is never "stuck"
+    else:
+        stuck_run = max(3, math.ceil(math.log(STUCK_PROBABILITY) / math.log(p_same)))
+    fit = ChannelFit(step, scale, threshold, horizon, level_scale, level_threshold, stuck_run)
+    return fit, z, keep
+
+
+def _multivariate(z: FloatArray) -> tuple[tuple[tuple[float, ...], ...] | None, float]:
+    """Robust precision matrix of the z-score vectors and the distance threshold."""
+    from sklearn.covariance import MinCovDet
+
+    c = z.shape[1]
+    if c < 2 or len(z) < 4 * c + 8:
+        return None, math.inf
+    with warnings.catch_warnings():
+        # Nearly collinear channels make MinCovDet warn; the ridge below handles them.
+        warnings.simplefilter("ignore")
+        try:
+            covariance = np.asarray(
+                MinCovDet(random_state=0, support_fraction=0.9).fit(z).covariance_
+            )
+        except (ValueError, np.linalg.LinAlgError):
+            covariance = np.cov(z, rowvar=False)
+    precision = np.linalg.inv(covariance + 1e-3 * np.eye(c))
+    d = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, precision, z), 0.0))
+    threshold = _threshold(d)
+    return tuple(tuple(row) for row in precision.tolist()), threshold
+
+
+def fit_window(
+    ts: FloatArray, values: FloatArray, current: Fitted | None, flagged: BoolArray | None = None
+) -> Fitted:
+    """Fit a model on a window; compare it with ``current`` on the window's last quarter.
+
+    Raises:
+        ValueError: the window is too short to fit.
+    """
+    n, c = values.shape
+    if flagged is None:
+        flagged = np.zeros(n, dtype=bool)
+    if n < WINDOW + 8:
+        raise ValueError(f"{n} readings are too few to fit (need {WINDOW + 8})")
+    error_new = error_current = math.nan
+    accepted = True
+    split = n - n // 4
+    if current is not None and len(current.channels) == c and split - WINDOW >= 24:
+        # The candidate sees only the first three quarters; both are judged on the rest.
+        error_new = error_current = 0.0
+        for o in range(c):
+            head, _, _ = _fit_channel(ts[:split], values[:split, o], flagged[:split])
+            tails, _, _, first = _design(ts, values[:, o], 1)
+            rows, rows_ts = tails[split - first :], ts[split:]
+            actual = values[split:, o]
+            norm = current.channels[o].scale
+            new = np.abs(actual - _expect(head.step, rows, rows_ts))
+            old = np.abs(actual - _expect(current.channels[o].step, rows, rows_ts))
+            error_new += float(np.median(new)) / norm
+            error_current += float(np.median(old)) / norm
+        accepted = error_new <= error_current * (1 + ACCEPT_TOLERANCE)
+    fits: list[ChannelFit] = []
+    zs: list[FloatArray] = []
+    kept = np.ones(n - WINDOW, dtype=bool)
+    for o in range(c):
+        fit, z, keep = _fit_channel(ts, values[:, o], flagged)
+        fits.append(fit)
+        zs.append(z)
+        kept &= keep
+    precision, mv_threshold = _multivariate(np.column_stack(zs)[kept])
+    gaps = np.diff(ts)
+    gaps = gaps[gaps > 0]
+    interval = float(np.median(gaps)) if len(gaps) else 1.0
+    return Fitted(
+        tuple(fits), precision, mv_threshold, interval, accepted, error_new, error_current
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring (in the shard workers), one reading at a time in plain Python floats: with a handful
+# of readings per sensor per batch, that is several times faster than numpy's per-call cost.
+
+
+class RidgeForecaster:
+    """Ridge forecaster on lag features with robust anomaly detectors (the default model).
+
+    See the module docstring for the method. Implements :class:`app.models.base.SensorModel`.
+    """
+
+    def __init__(
+        self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions | None = None
+    ) -> None:
+        options = options or ModelOptions()
+        self.sensor_id = sensor_id
+        self.channels = channels
+        self.version = 0
+        self.options = options
+        c = len(channels)
+        self._history = max(options.history_readings, WINDOW + 32)
+        self._warmup = max(options.warmup_readings, WINDOW + 16)
+        self._ts: deque[float] = deque(maxlen=self._history)
+        self._values: deque[tuple[float, ...]] = deque(maxlen=self._history)
+        self._flagged: deque[bool] = deque(maxlen=self._history)
+        self._tails: list[list[float]] = [[] for _ in range(c)]
+        self._last_ts = -math.inf
+        self._last_raw: list[float] = [math.nan] * c
+        self._fit: Fitted | None = None
+        self._lag_part: list[float] = [0.0] * c
+        self._cusum_up = [0.0] * c
+        self._cusum_down = [0.0] * c
+        self._var_ring = [[0.0] * SMOOTH for _ in range(c)]
+        self._var_sum = [0.0] * c
+        self._level_ring = [[0.0] * SMOOTH for _ in range(c)]
+        self._level_sum = [0.0] * c
+        self._ring_at = 0
+        self._same = [0] * c
+        self._imputed = 0
+        self._since_job = 0
+        self._job_at: float | None = None
+        self._job_size = 0
+        self._pending = False
+        self._drift = False
+
+    # The Protocol ----------------------------------------------------------------------------
+
+    def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
+        ts_list: list[float] = ts.tolist()
+        rows: list[list[float]] = values.tolist()
+        fit = self._fit
+        k, c = len(rows), len(self.channels)
+        if fit is None:
+            for t, row in zip(ts_list, rows, strict=True):
+                if t >= self._last_ts:
+                    self._take(t, row, False)
+            self._since_job += k
+            nan = np.full(k, np.nan)
+            return Observation(np.full((k, c), np.nan), nan, np.zeros(k, dtype=bool))
+        forecasts: list[list[float]] = []
+        scores: list[float] = []
+        flags: list[bool] = []
+        chans = fit.channels
+        precision = fit.precision
+        tails = self._tails
+        # The largest of c channels' statistics exceeds a threshold more often than one
+        # channel's: widen the thresholds with the number of channels.
+        widen = 1.0 + MULTI_WIDEN * math.log(c)
+        for t, row in zip(ts_list, rows, strict=True):
+            in_order = t >= self._last_ts
+            sin_t, cos_t = math.sin(OMEGA * t), math.cos(OMEGA * t)
+            ratio = 0.0
+            zs: list[float] = []
+            clean: list[float] = []
+            flagged = False
+            at = self._ring_at
+            for o in range(c):
+                ch = chans[o]
+                step = ch.step
+                expected = self._lag_part[o] + step.w_sin * sin_t + step.w_cos * cos_t
+                y = row[o]
+                z = (y - expected) / ch.scale
+                zs.append(z)
+                r = abs(z) / ch.threshold
+                if r > 1.0:
+                    flagged = True
+                    clean.append(expected if self._imputed < MAX_IMPUTED else y)
+                else:
+                    clean.append(y)
+                if in_order:
+                    # Drift of the one-step residuals (CUSUM): asks for an early refit.
+                    zc = Z_CLIP if z > Z_CLIP else -Z_CLIP if z < -Z_CLIP else z
+                    up = self._cusum_up[o] + zc - CUSUM_K
+                    down = self._cusum_down[o] - zc - CUSUM_K
+                    self._cusum_up[o] = up = 0.0 if up < 0.0 else up
+                    self._cusum_down[o] = down = 0.0 if down < 0.0 else down
+                    if up > CUSUM_H or down > CUSUM_H:
+                        self._drift = True
+                        self._cusum_up[o] = self._cusum_down[o] = 0.0
+                    # Noise bursts: mean clipped z² over the last readings.
+                    zq = z * z if z * z < Z_CLIP * Z_CLIP else Z_CLIP * Z_CLIP
+                    ring = self._var_ring[o]
+                    self._var_sum[o] += zq - ring[at]
+                    ring[at] = zq
+                    burst = self._var_sum[o] / (SMOOTH * VAR_THRESHOLD)
+                    # Slow drifts and shifts: the value against the forecast made HORIZON
+                    # readings ago, averaged over the last readings.
+                    # (The imputed value, when there is one: a spike is the one-step
+                    # detector's, and must not linger in this average.)
+                    h = ch.horizon
+                    e = clean[o] - (
+                        h.intercept
+                        + sum(map(mul, h.weights, tails[o]))
+                        + h.w_sin * sin_t
+                        + h.w_cos * cos_t
+                    )
+                    ring = self._level_ring[o]
+                    self._level_sum[o] += e - ring[at]
+                    ring[at] = e
+                    drift = abs(self._level_sum[o]) / (SMOOTH * ch.level_scale * ch.level_threshold)
+                    # A stuck sensor repeats its value.
+                    same = self._same[o] + 1 if y == self._last_raw[o] else 0
+                    self._same[o] = same
+                    self._last_raw[o] = y
+                    stuck = same / ch.stuck_run
+                    r = max(max(r, drift, burst) / widen, stuck)
+                if r > ratio:
+                    ratio = r
+            if precision is not None:
+                d2 = 0.0
+                for i in range(c):
+                    zi, prow = zs[i], precision[i]
+                    for j in range(c):
+                        d2 += zi * prow[j] * zs[j]
+                r = math.sqrt(d2 if d2 > 0 else 0.0) / fit.mv_threshold
+                if r > ratio:
+                    ratio = r
+            if in_order:
+                self._ring_at = (at + 1) % SMOOTH
+                # Counted until a reading fits again, so a lasting shift is learnt, not masked.
+                self._imputed = self._imputed + 1 if flagged else 0
+                self._take(t, clean, ratio > 1.0)
+            forecasts.append(self._forecast(fit))
+            scores.append(ratio * ratio / (1.0 + ratio * ratio))
+            flags.append(ratio > 1.0)
+        self._since_job += k
+        return Observation(forecasts, scores, flags)  # type: ignore[arg-type]
+
+    def training_job(self, now: float) -> Any | None:
+        if self._pending:
+            return None
+        if self._job_at is None:
+            self._job_at = now
+        if self._fit is None:
+            due = len(self._values) >= self._warmup
+        else:
+            since = self._since_job
+            # While the window fills, refit each time it has doubled: early fits are rough.
+            every = min(self.options.retrain_every_readings, max(self._job_size, self._warmup))
+            due = since >= every or (
+                since >= MIN_NEW_READINGS
+                and (self._drift or now - self._job_at >= self.options.retrain_interval_s)
+            )
+        if not due:
+            return None
+        self._pending = True
+        self._since_job = 0
+        self._job_at = now
+        self._job_size = len(self._values)
+        self._drift = False
+        values = np.array(self._values, dtype=np.float64).reshape(-1, len(self.channels))
+        flagged = np.array(self._flagged, dtype=bool)
+        return TrainingJob(np.array(self._ts, dtype=np.float64), values, flagged, self._fit)
+
+    def install(self, fitted: Any) -> bool:
+        self._pending = False
+        if not isinstance(fitted, Fitted) or not fitted.accepted:
+            return False
+        if len(fitted.channels) != len(self.channels):
+            return False
+        self._fit = fitted
+        self._refresh()
+        self.version += 1
+        return True
+
+    @staticmethod
+    def fit(job: Any) -> Any:
+        assert isinstance(job, TrainingJob)
+        return fit_window(job.ts, job.values, job.current, job.flagged)
+
+    def state(self) -> Any:
+        state = dict(vars(self))
+        state["_ts"] = list(self._ts)
+        state["_values"] = list(self._values)
+        state["_flagged"] = list(self._flagged)
+        for key in ("options", "sensor_id", "channels", "_history", "_warmup"):
+            del state[key]
+        return state
+
+    def restore(self, state: Any) -> None:
+        for key, value in state.items():
+            if key in ("_ts", "_values", "_flagged"):
+                getattr(self, key).extend(value)
+            elif key in vars(self):
+                setattr(self, key, value)
+        self._pending = False
+        if self._fit is not None:
+            self._refresh()
+
+    # Internals -------------------------------------------------------------------------------
+
+    @property
+    def fitted(self) -> Fitted | None:
+        """The model in use, None while warming up."""
+        return self._fit
+
+    def _take(self, t: float, row: list[float], flagged: bool) -> None:
+        """Append an in-order reading to the window and the lag tails."""
+        self._ts.append(t)
+        self._values.append(tuple(row))
+        self._flagged.append(flagged)
+        self._last_ts = t
+        fit = self._fit
+        for o, v in enumerate(row):
+            tail = self._tails[o]
+            tail.append(v)
+            if len(tail) > TAIL:
+                del tail[0]
+            elif len(tail) < TAIL:
+                tail[:0] = [tail[0]] * (TAIL - len(tail))
+            if fit is not None:
+                step = fit.channels[o].step
+                self._lag_part[o] = step.intercept + sum(map(mul, step.weights, tail[-WINDOW:]))
+
+    def _refresh(self) -> None:
+        fit = self._fit
+        assert fit is not None
+        for o, tail in enumerate(self._tails):
+            if tail and len(tail) < TAIL:
+                tail[:0] = [tail[0]] * (TAIL - len(tail))
+            step = fit.channels[o].step
+            self._lag_part[o] = step.intercept + sum(map(mul, step.weights, tail[-WINDOW:]))
+
+    def _forecast(self, fit: Fitted) -> list[float]:
+        t = OMEGA * (self._last_ts + fit.interval_s)
+        sin_t, cos_t = math.sin(t), math.cos(t)
+        return [
+            self._lag_part[o] + ch.step.w_sin * sin_t + ch.step.w_cos * cos_t
+            for o, ch in enumerate(fit.channels)
+        ]

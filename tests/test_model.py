@@ -1,0 +1,266 @@
+"""The default model, the model Protocol and the simulator, in process on synthetic arrays."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from app.models.base import ModelOptions, ModelPathError, load_model_class
+from app.models.ridge import (
+    OMEGA,
+    WINDOW,
+    Fitted,
+    RidgeForecaster,
+    TrainingJob,
+    _expect,
+    fit_window,
+)
+from app.simulate import KINDS, SensorSim, make_sensors
+
+OPTIONS = ModelOptions(
+    history_readings=512, warmup_readings=64, retrain_every_readings=1_000, retrain_interval_s=1e9
+)
+
+
+def drive(
+    model: RidgeForecaster, ts: np.ndarray, values: np.ndarray, chunk: int = 5
+) -> dict[str, np.ndarray]:
+    """Feed readings in chunks, fitting and installing each training job at once."""
+    k, c = values.shape
+    out = {
+        "forecast": np.full((k, c), np.nan),
+        "score": np.full(k, np.nan),
+        "flag": np.zeros(k, dtype=bool),
+        "version": np.zeros(k, dtype=int),
+    }
+    for i in range(0, k, chunk):
+        obs = model.observe(ts[i : i + chunk], values[i : i + chunk])
+        out["forecast"][i : i + chunk] = np.asarray(obs.forecast, dtype=float).reshape(-1, c)
+        out["score"][i : i + chunk] = obs.score
+        out["flag"][i : i + chunk] = obs.is_anomaly
+        out["version"][i : i + chunk] = model.version
+        job = model.training_job(now=float(i))
+        if job is not None:
+            model.install(RidgeForecaster.fit(job))
+    return out
+
+
+def noise(n: int, seed: int = 0, level: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ts = 1.78e9 + np.arange(n) * 60.0
+    return ts, level + rng.normal(0, 1, (n, 1))
+
+
+def test_warms_up_then_scores() -> None:
+    """Scores are NaN until the first fit at warmup_readings, then finite and in [0, 1]."""
+    ts, values = noise(200)
+    model = RidgeForecaster("s", ("value",), OPTIONS)
+    obs = model.observe(ts[:63], values[:63])
+    assert np.isnan(obs.score).all() and np.isnan(obs.forecast).all()
+    assert model.training_job(now=0.0) is None
+    model.observe(ts[63:64], values[63:64])
+    job = model.training_job(now=0.0)
+    assert isinstance(job, TrainingJob) and len(job.values) == 64
+    assert model.training_job(now=0.0) is None, "a second job while one is outstanding"
+    assert model.install(RidgeForecaster.fit(job)) and model.version == 1
+    obs = model.observe(ts[64:100], values[64:100])
+    score = np.asarray(obs.score)
+    assert np.isfinite(score).all() and ((score >= 0) & (score <= 1)).all()
+    assert abs(float(np.mean(obs.forecast)) - 10.0) < 1.0
+
+
+def test_forecast_beats_persistence_on_a_daily_cycle() -> None:
+    """On a daily cycle plus noise the forecast's MAE is under 0.8 × the last value's."""
+    sim = SensorSim("s", seed=4, anomaly_rate=0.0, profile="seasonal")
+    ts, values, _ = sim.take(2_000)
+    out = drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values)
+    after = slice(600, len(values) - 1)
+    ours = np.abs(out["forecast"][after, 0] - values[601:, 0]).mean()
+    persistence = np.abs(values[after, 0] - values[601:, 0]).mean()
+    assert ours < 0.8 * persistence
+
+
+def test_online_forecast_matches_the_fitted_model() -> None:
+    """The per-reading Python scoring computes what the vectorised fit describes."""
+    ts, values = noise(300, seed=2)
+    model = RidgeForecaster("s", ("value",), OPTIONS)
+    drive(model, ts[:200], values[:200])
+    fitted = model.fitted
+    assert fitted is not None
+    obs = model.observe(ts[200:201], values[200:201])
+    tail = values[200 - WINDOW + 1 : 201, 0][None, :]
+    expected = _expect(fitted.channels[0].step, tail, np.array([ts[200] + fitted.interval_s]))
+    assert np.asarray(obs.forecast)[0][0] == pytest.approx(expected[0], rel=1e-9)
+    assert OMEGA > 0
+
+
+@pytest.mark.parametrize("kind", ["spike", "stuck"])
+def test_flags_an_injected_anomaly_and_little_else(kind: str) -> None:
+    """A spike or a stuck value is flagged; ordinary noise around it is not."""
+    ts, values = noise(1_000, seed=3)
+    if kind == "spike":
+        values[800, 0] += 12
+        event = slice(800, 801)
+    else:
+        values[800:830, 0] = values[799, 0]
+        event = slice(800, 830)
+    out = drive(RidgeForecaster("s", ("value",), OPTIONS), ts, values)
+    assert out["flag"][event].any()
+    assert out["score"][event].max() > 0.5
+    normal = np.ones(len(values), dtype=bool)
+    normal[:300] = False
+    normal[event.start : event.stop + 60] = False
+    assert out["flag"][normal].mean() < 0.01
+
+
+def test_a_spike_does_not_spoil_the_next_forecasts() -> None:
+    """The reading after a spike is judged against a forecast that ignored the spike."""
+    ts, values = noise(700, seed=5)
+    values[650, 0] += 50
+    out = drive(RidgeForecaster("s", ("value",), OPTIONS), ts, values)
+    assert out["flag"][650]
+    assert abs(out["forecast"][650, 0] - 10.0) < 2.0
+    assert not out["flag"][651:660].any()
+
+
+def test_retrains_after_r_readings_and_early_on_drift() -> None:
+    """A job is due after retrain_every_readings, and sooner when the residuals drift."""
+    options = OPTIONS._replace(retrain_every_readings=300)
+    ts, values = noise(1_500, seed=6)
+    model = RidgeForecaster("s", ("value",), options)
+    jobs = []
+    for i in range(0, 900, 10):
+        model.observe(ts[i : i + 10], values[i : i + 10])
+        job = model.training_job(now=0.0)
+        if job is not None:
+            jobs.append(i + 10)
+            model.install(RidgeForecaster.fit(job))
+    # While the window fills, a refit each time it has doubled; then every 300 readings.
+    assert jobs == [70, 140, 280, 560, 860]
+    assert model.version >= 4
+    steady = model.version
+
+    ts2, values2 = noise(400, seed=7)
+    drift = 10.0 + np.linspace(0, 30, 400)[:, None] + values2 - 10.0
+    out = drive(model, ts[900:1300], drift)
+    assert model.version > steady
+    first_new = int(np.argmax(out["version"] > steady))
+    assert first_new < 150, "the drift should trigger a refit well before 300 readings"
+
+
+def test_time_triggers_a_refit() -> None:
+    """After retrain_interval_s, a refit is due if readings came in."""
+    options = OPTIONS._replace(retrain_interval_s=10.0)
+    ts, values = noise(120, seed=8)
+    model = RidgeForecaster("s", ("value",), options)
+    model.observe(ts[:100], values[:100])
+    model.install(RidgeForecaster.fit(model.training_job(now=0.0)))
+    model.observe(ts[100:], values[100:])
+    assert model.training_job(now=5.0) is None
+    assert model.training_job(now=11.0) is not None
+
+
+def test_a_worse_candidate_is_not_installed() -> None:
+    """fit refuses a candidate that does worse than the current model on recent data."""
+    ts, good = noise(600, seed=9)
+    current = fit_window(ts[:512], good[:512], None)
+    # Three quarters of a wild random walk, then data like the current model's.
+    rng = np.random.default_rng(10)
+    window = good[:512].copy()
+    window[:384, 0] = 10 + np.cumsum(rng.normal(0, 5, 384)) * np.sign(np.arange(384) % 7 - 3)
+    candidate = fit_window(ts[:512], window, current)
+    assert not candidate.accepted and candidate.error_new > candidate.error_current
+    model = RidgeForecaster("s", ("value",), OPTIONS)
+    drive(model, ts[:100], good[:100])
+    version = model.version
+    assert not model.install(candidate) and model.version == version
+
+
+def test_a_late_reading_is_scored_but_leaves_the_window_alone() -> None:
+    """A reading older than the last is predicted, and the next forecast is unchanged."""
+    ts, values = noise(300, seed=11)
+    a = RidgeForecaster("s", ("value",), OPTIONS)
+    b = RidgeForecaster("s", ("value",), OPTIONS)
+    before = drive(a, ts[:250], values[:250])
+    drive(b, ts[:250], values[:250])
+    late = a.observe(np.array([ts[100]]), np.array([[55.0]]))
+    assert late.is_anomaly[0] and 0 <= late.score[0] <= 1
+    assert np.asarray(late.forecast)[0][0] == before["forecast"][249, 0]
+    after_a = a.observe(ts[250:260], values[250:260])
+    after_b = b.observe(ts[250:260], values[250:260])
+    assert np.allclose(after_a.forecast, after_b.forecast)
+    assert np.allclose(after_a.score, after_b.score)
+
+
+def test_state_round_trips_through_pickle() -> None:
+    """A model restored from its pickled state continues exactly like the original."""
+    ts, values = noise(400, seed=12)
+    a = RidgeForecaster("s", ("value",), OPTIONS)
+    drive(a, ts[:300], values[:300])
+    b = RidgeForecaster("s", ("value",), OPTIONS)
+    b.restore(pickle.loads(pickle.dumps(a.state())))
+    assert a.fitted is not None and b.fitted is not None
+    assert b.version == a.version and b.fitted.channels == a.fitted.channels
+    oa = a.observe(ts[300:], values[300:])
+    ob = b.observe(ts[300:], values[300:])
+    assert np.allclose(oa.forecast, ob.forecast) and np.allclose(oa.score, ob.score)
+
+
+def test_several_channels_are_forecast_and_scored_together() -> None:
+    """Four correlated channels: forecasts per channel, a one-channel spike is flagged."""
+    sim = SensorSim("s", channels=4, seed=13, anomaly_rate=0.0)
+    ts, values, _ = sim.take(900)
+    values[850, 2] += 10 * sim.noise[2]
+    model = RidgeForecaster("s", sim.names, OPTIONS)
+    out = drive(model, ts, values)
+    fitted = model.fitted
+    assert isinstance(fitted, Fitted) and fitted.precision is not None
+    assert out["forecast"].shape == (900, 4) and np.isfinite(out["forecast"][100:]).all()
+    assert out["flag"][850]
+    assert out["flag"][400:840].mean() < 0.02
+
+
+def test_model_path_errors_are_one_line() -> None:
+    """A bad SENSORCAST_MODEL path is reported in one line naming what is wrong."""
+    with pytest.raises(ModelPathError, match="cannot import module 'no_such_module'"):
+        load_model_class("no_such_module:Model")
+    with pytest.raises(ModelPathError, match="has no attribute 'Nope'"):
+        load_model_class("app.models.ridge:Nope")
+    with pytest.raises(ModelPathError, match="not a class"):
+        load_model_class("app.models.ridge:fit_window")
+    with pytest.raises(ModelPathError, match="missing"):
+        load_model_class("app.models.ridge:Linear")
+    for path in ("app.models.ridge:RidgeForecaster", "app.models.simple:RollingZScore"):
+        assert load_model_class(path) is not None
+    assert load_model_class("tests.plugin_model:LastValue") is not None
+
+
+def test_simulator_is_reproducible_and_labels_every_kind() -> None:
+    """The same seed gives the same readings; events cover their labelled readings."""
+    a = make_sensors(3, seed=5, anomaly_rate=0.02, start_ts=1.78e9)
+    b = make_sensors(3, seed=5, anomaly_rate=0.02, start_ts=1.78e9)
+    kinds: set[str] = set()
+    for sa, sb in zip(a, b, strict=True):
+        ta, va, la = sa.take(2_000)
+        tb, vb, lb = sb.take(2_000)
+        assert np.array_equal(ta, tb) and np.array_equal(va, vb) and la == lb
+        assert (np.diff(ta) > 0).all()
+        for event in sa.events:
+            assert all(label == event.kind for label in la[event.start : event.end])
+            kinds.add(event.kind)
+        labelled = sum(e.end - e.start for e in sa.events if e.end <= 2_000)
+        assert sum(1 for label in la if label) >= labelled
+    assert kinds == set(KINDS)
+
+
+def test_stuck_event_holds_the_value() -> None:
+    """A stuck event repeats the last value before it on its channel."""
+    sim = SensorSim("s", seed=1, anomaly_rate=0.05)
+    ts, values, labels = sim.take(3_000)
+    stuck = [e for e in sim.events if e.kind == "stuck" and e.end <= 3_000]
+    assert stuck
+    for e in stuck:
+        held = values[e.start : e.end, e.channel]
+        assert (held == held[0]).all()
