@@ -260,7 +260,7 @@ async def run(args: argparse.Namespace) -> int:
 
     sensors = make_sensors(
         args.sensors, channels=args.channels, seed=args.seed, anomaly_rate=args.anomaly_rate,
-        interval_s=args.interval,
+        interval_s=args.interval, prefix=args.prefix,
     )  # fmt: skip
     url = args.url.rstrip("/")
     if not url.endswith("/v1/readings"):
@@ -360,3 +360,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--csv", help="also write every reading with its label to this CSV file")
     p.add_argument("--key", help="API key, where keys are set")
+    p.add_argument("--prefix", default="sim", help="sensor ids are PREFIX-0, PREFIX-1, ...")

@@ -7,7 +7,10 @@ every asyncio test that runs after it.
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, connect, quiet, receive_json
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -145,3 +148,42 @@ async def test_dashboard_with_api_keys(server_factory, page: Page) -> None:
     assert response.status_code == 202
     await expect(page.locator('#sensors tr[data-sensor="keyed-1"] td').nth(2)).to_have_text("3")
     await expect(page.locator("#subscribers")).to_have_text("1")
+
+
+async def test_dashboard_while_the_simulator_runs(
+    embedded_server: Server, page: Page, tmp_path: Path
+) -> None:
+    """Run `sensorcast simulate`: the list fills, the chart draws, injected anomalies are marked."""
+    server = embedded_server
+    await page.goto(server.url + "/")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    labelled_csv = tmp_path / "labelled.csv"
+    async with connect(f"{server.ws_url}?sensor=dsim-*&anomalies_only=true") as flagged_ws:
+        await receive_json(flagged_ws)
+        sim = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "app", "simulate", "--url", server.url, "--sensors", "3",
+            "--rate", "150", "--duration", "6", "--anomaly-rate", "0.03", "--seed", "11",
+            "--csv", str(labelled_csv), "--prefix", "dsim",
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(sim.communicate(), 60)
+        assert sim.returncode == 0, out.decode()
+        flagged = await quiet(flagged_ws, 2.0)
+    with labelled_csv.open() as f:
+        labelled = {(row["sensor_id"], row["id"]) for row in csv.DictReader(f) if row["anomaly"]}
+    assert labelled, "the simulator injected no anomaly"
+    # The service flagged readings the simulator labelled as injected anomalies.
+    assert {(m["sensor_id"], m["id"]) for m in flagged} & labelled
+
+    await expect(page.locator("#sensors tbody tr[data-sensor]")).to_have_count(3)
+    assert await page.locator("#chart-title").text_content() in {"dsim-0", "dsim-1", "dsim-2"}
+    assert int(await page.locator("#chart").get_attribute("data-points") or 0) >= 100
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#anomalies li').length >= 1", timeout=10_000
+    )
+    marked = {
+        await li.get_attribute("data-sensor") for li in await page.locator("#anomalies li").all()
+    }
+    assert marked & {sensor for sensor, _ in labelled}
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-simulate.png"), full_page=True)
