@@ -94,7 +94,9 @@ def _run_script(script: Script, quick: bool, out_dir: Path) -> dict[str, Any]:
     if proc.returncode != 0 or not json_path.exists():
         reason = f"exit code {proc.returncode}" + ("" if json_path.exists() else ", no JSON")
         return {"status": "failed", "reason": f"{reason}; see {log_path}", "rows": []}
-    data: dict[str, Any] = json.loads(json_path.read_text())
+    data = json.loads(json_path.read_text())
+    if not isinstance(data, dict):
+        return {"status": "failed", "reason": "its JSON is not {rows: [...]}", "rows": []}
     data.setdefault("rows", [])
     data["status"] = "ok"
     data["seconds"] = round(seconds, 1)

@@ -26,6 +26,22 @@ class LagSummary(NamedTuple):
     max_ms: float
 
 
+def corrected(lags: list[float], interval_s: float, limit: int = 1_000_000) -> list[float]:
+    """The samples plus those a stall kept the sleeper from taking, sorted.
+
+    Examples:
+        >>> corrected([0.0, 0.0035], 0.001)
+        [0.0, 0.0005, 0.0015, 0.0025, 0.0035]
+    """
+    out = list(lags)
+    for lag in lags:
+        missed = int(lag / interval_s)
+        if missed and len(out) < limit:
+            out.extend(lag - k * interval_s for k in range(1, min(missed, limit - len(out)) + 1))
+    out.sort()
+    return out
+
+
 class LoopLagMonitor:
     """A task that measures the running loop's timer overshoot.
 
@@ -73,14 +89,18 @@ class LoopLagMonitor:
     def summary(self, window_s: float | None = None) -> LagSummary:
         """Percentiles of the samples of the last ``window_s`` seconds (all kept if None).
 
-        A stall still going on is not counted until the loop wakes up again.
+        Corrected for coordinated omission: a stall of ``L`` seconds also counts the samples
+        the sleeper would have taken meanwhile (lags ``L - interval``, ``L - 2 interval``, ...),
+        as HdrHistogram's expected-interval recording does. Without it a loop blocked for
+        8 s yields a single sample and its p99 looks healthy. A stall still going on is not
+        counted until the loop wakes up again.
         """
         if window_s is None:
-            lags = [lag for _, lag in self._samples]
+            observed = [lag for _, lag in self._samples]
         else:
             horizon = time.monotonic() - window_s
-            lags = [lag for at, lag in self._samples if at >= horizon]
-        lags.sort()
+            observed = [lag for at, lag in self._samples if at >= horizon]
+        lags = corrected(observed, self.interval_s)
         return LagSummary(
             len(lags),
             percentile(lags, 50) * 1e3,

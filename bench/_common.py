@@ -337,16 +337,22 @@ async def _httpx_load(
 
 
 def readings_body(count: int, sensors: int, *, stamp: float | None = None) -> bytes:
-    """A JSON body of ``count`` single-value readings spread over ``sensors`` sensors."""
+    """A JSON body of ``count`` single-value readings spread over ``sensors`` sensors.
+
+    Without ``stamp`` the readings carry no ``ts`` (the service stamps the receive time): a
+    body posted over and over with fixed timestamps would make every reading after the first
+    request older than its sensor's latest, and measure the models' late-reading path.
+    """
     import random
 
     rng = random.Random(1)
-    ts = 1_718_000_000.0 if stamp is None else stamp
-    items = [
-        {"sensor_id": f"s-{i % sensors:04d}", "ts": round(ts + i * 0.01, 3),
-         "value": round(20 + rng.gauss(0, 1), 3)}
+    items: list[dict[str, object]] = [
+        {"sensor_id": f"s-{i % sensors:04d}", "value": round(20 + rng.gauss(0, 1), 3)}
         for i in range(count)
-    ]  # fmt: skip
+    ]
+    if stamp is not None:
+        for i, item in enumerate(items):
+            item["ts"] = round(stamp + i * 0.01, 3)
     return json.dumps(items[0] if count == 1 else items, separators=(",", ":")).encode()
 
 

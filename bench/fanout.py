@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--window", type=int, default=200, help="readings in flight")
     parser.add_argument("--workers", type=int, default=1, help="sensorcast model workers")
-    parser.add_argument("--json", type=Path, help="write every run here")
+    parser.add_argument("--json", type=Path, help="write the figures here (bench/_common.py)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the largest N run")
     parser.add_argument(
         "--paced",
@@ -365,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run at these offered frames/s in total (latency below saturation)",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 2.0)
 
     rates = [0.0, *args.paced]
+    table: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     for rep in range(args.reps):
         for n in args.subscribers:
@@ -409,13 +413,28 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 ratios.append(pair["sensorcast"] / pair["broadcast"])
             (bf, b50, b99), (sf, s50, s99) = rows["broadcast"], rows["sensorcast"]
+            ratio = statistics.median(ratios)
+            offered = f"{rate:,.0f}/s offered" if rate else "saturated"
+            row: dict[str, Any] = {
+                "item": "fanout", "measure": f"{n:,} subscribers, {offered}", "value": sf,
+                "unit": "frames/s", "baseline": "websockets broadcast()", "baseline_value": bf,
+                "ratio": ratio,
+            }  # fmt: skip
+            if n == 1000 and not rate:
+                row["target"], row["met"] = ">= 0.7x", ratio >= 0.7
+            table.append(row)
+            table.append({
+                "item": "fanout", "measure": f"{n:,} subscribers, {offered}: p99 delivery",
+                "value": s99, "unit": "ms", "baseline": "websockets broadcast()",
+                "baseline_value": b99, "ratio": s99 / b99 if b99 else None,
+            })  # fmt: skip
             print(
                 f"| {n:,} | {f'{rate:,.0f}' if rate else 'saturated'} | {bf:,.0f} "
                 f"| {b50:.1f} / {b99:.1f} | {sf:,.0f} | {s50:.1f} / {s99:.1f} "
                 f"| {statistics.median(ratios):.2f} |"
             )
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+        args.json.write_text(json.dumps({"rows": table, "runs": runs}, indent=1))
     return 0
 
 

@@ -94,7 +94,7 @@ def main() -> None:
             backend, history_max_frames=100_000, history_max_age_s=3600,
             subscriber_queue_frames=10_000, policy=SlowClientPolicy.drop_oldest,
         )  # fmt: skip
-        sub, _, _ = hub.subscribe(SensorFilter())
+        sub = hub.subscribe(SensorFilter()).subscriber
 
         def dispatch() -> None:
             hub.dispatch(decode_batch(1, payload, "epoch"))

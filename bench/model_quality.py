@@ -257,7 +257,11 @@ def main() -> None:
         "sensor's pace (readings minutes apart) rather than many rounds late",
     )  # fmt: skip
     parser.add_argument("--no-river", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the figures here (bench/_common.py)")
+    parser.add_argument("--quick", action="store_true", help="fewer readings per sensor")
     args = parser.parse_args()
+    if args.quick:
+        args.readings = min(args.readings, 800)
 
     start = 1.78e9
     sensors = make_sensors(
@@ -350,6 +354,28 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|{'-' * 30}|{'-' * (len(hst_name) + 2)}|")
     for name, a, b in rows:
         print(f"| {name:<{width}} | {a:<28} | {b} |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": _json_rows(rows)}, indent=1))
+
+
+def _json_rows(rows: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """The table in the bench/_common.py convention: ours, with HalfSpaceTrees as baseline."""
+    out: list[dict[str, Any]] = []
+    for name, ours, theirs in rows:
+        try:
+            value = float(ours.split()[0])
+        except (ValueError, IndexError):
+            continue
+        row: dict[str, Any] = {"item": "quality", "measure": name, "value": value, "unit": ""}
+        try:
+            baseline = float(theirs.split()[0])
+        except (ValueError, IndexError):
+            baseline = None
+        if baseline is not None:
+            row.update(baseline="River HalfSpaceTrees", baseline_value=baseline,
+                       ratio=value / baseline if baseline else None)  # fmt: skip
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

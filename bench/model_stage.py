@@ -12,7 +12,9 @@ as the service does (the fits themselves are not timed).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from app.models.base import ModelOptions
 from app.pipeline import inference
@@ -57,13 +59,24 @@ def main() -> None:
     parser.add_argument("--model", default="app.models.ridge:RidgeForecaster")
     parser.add_argument("--readings", type=int, default=300_000)
     parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument("--json", type=Path, help="write the figures here (bench/_common.py)")
+    parser.add_argument("--quick", action="store_true", help="fewer readings")
     args = parser.parse_args()
+    if args.quick:
+        args.readings = min(args.readings, 60_000)
+    rows: list[dict[str, object]] = []
     print(f"model stage, {args.model}, batches of {args.batch}, one process")
     print(f"{'sensors':>8} {'channels':>9} {'readings/s':>12}")
     for channels in (1, 4):
         for sensors in (100, 1_000):
             rate = run(args.model, sensors, channels, args.readings, args.batch)
             print(f"{sensors:>8} {channels:>9} {rate:>12,.0f}", flush=True)
+            rows.append({
+                "item": "model stage", "measure": f"{sensors:,} sensors x {channels} channel(s)",
+                "value": rate, "unit": "readings/s per process",
+            })  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from app.pipeline.publish import CHANNEL, Message, decode_batch
 
 log = logging.getLogger(__name__)
 
+DISPATCH_SLICE = 256
+"""Messages dispatched between two yields to the event loop."""
+
 RECENT_PER_SENSOR = 20
 _GLOB_CHARS = frozenset("*?[")
 
@@ -356,9 +359,17 @@ class PredictionHub:
             self._listening.set()
             async for first, payload in payloads:
                 try:
-                    self.dispatch(decode_batch(first, payload, self.epoch))
+                    messages = decode_batch(first, payload, self.epoch)
                 except Exception:
                     log.exception("dropping a malformed message batch")
+                    continue
+                # A batch of thousands is dispatched in slices, letting other tasks run in
+                # between, so no single step holds the loop for long. A subscriber that
+                # registers between two slices gets the first in its replay and the rest live.
+                for start in range(0, len(messages), DISPATCH_SLICE):
+                    if start:
+                        await asyncio.sleep(0)
+                    self.dispatch(messages[start : start + DISPATCH_SLICE])
 
     async def _reap(self) -> None:
         # A peer that takes no bytes at all cannot be reached by a close frame either;
