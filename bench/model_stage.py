@@ -57,7 +57,7 @@ def run(model: str, sensors: int, channels: int, readings: int, batch: int) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="app.models.ridge:RidgeForecaster")
-    parser.add_argument("--readings", type=int, default=300_000)
+    parser.add_argument("--readings", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1_000)
     parser.add_argument("--json", type=Path, help="write the figures here (bench/_common.py)")
     parser.add_argument("--quick", action="store_true", help="fewer readings")
