@@ -95,7 +95,6 @@ class Worker:
         self._installs: dict[int, list[tuple[str, Any]]] = {}
         self._restored: dict[int, int] = {}
         self._shard_locks = [asyncio.Lock() for _ in range(settings.workers)]
-        self._training: set[asyncio.Task[None]] = set()
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
         self.processed = 0
@@ -119,9 +118,6 @@ class Worker:
                     await asyncio.wait_for(stop.wait(), self.settings.lease_ttl_s / 3)
         finally:
             await self._release_all()
-            for task in self._training:
-                task.cancel()
-            await asyncio.gather(*self._training, return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.key("workers"), self.id)
             await self.pool.stop()
@@ -316,20 +312,11 @@ class Worker:
             await pipe.execute()
 
     def _train(self, p: int, job: TrainingJob) -> None:
-        task = asyncio.create_task(self._fit(p, job), name=f"fit-{job.sensor_id}")
-        self._training.add(task)
-        task.add_done_callback(self._training.discard)
+        def deliver(fitted: Any) -> None:
+            if p in self.owned:  # the partition may have moved to another worker meanwhile
+                self._installs.setdefault(p, []).append((job.sensor_id, fitted))
 
-    async def _fit(self, p: int, job: TrainingJob) -> None:
-        try:
-            fitted = await self.pool.fit(job.job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("retraining sensor %s failed; keeping its model", job.sensor_id)
-            fitted = None
-        if p in self.owned:
-            self._installs.setdefault(p, []).append((job.sensor_id, fitted))
+        self.pool.train(job, deliver)
 
 
 async def run_worker(settings: Settings) -> int:

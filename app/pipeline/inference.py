@@ -455,6 +455,7 @@ class ShardPool:
         self.trainer_pids: list[int] = []
         self.rebuilds = 0
         self._started = False
+        self._training: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
@@ -523,7 +524,31 @@ class ShardPool:
             shard, self.pids[shard], time.perf_counter() - started,
         )  # fmt: skip
 
+    def train(self, job: TrainingJob, deliver: Callable[[Any], None]) -> None:
+        """Fit ``job`` in the trainer pool in the background, then call ``deliver`` with the
+        result, or with None when the fit failed (the sensor keeps its model)."""
+        task = asyncio.create_task(self._train(job, deliver), name=f"fit-{job.sensor_id}")
+        self._training.add(task)
+        task.add_done_callback(self._training.discard)
+
+    async def _train(self, job: TrainingJob, deliver: Callable[[Any], None]) -> None:
+        try:
+            fitted = await self.fit(job.job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("retraining sensor %s failed; keeping its model", job.sensor_id)
+            fitted = None
+        deliver(fitted)
+
+    async def cancel_training(self) -> None:
+        """Drop the fits still running; their sensors keep their models."""
+        for task in self._training:
+            task.cancel()
+        await asyncio.gather(*self._training, return_exceptions=True)
+
     async def stop(self) -> None:
+        await self.cancel_training()
         self._started = False
         self.healthy = [False] * self.size
         executors, self._executors = self._executors, []

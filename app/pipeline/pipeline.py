@@ -57,7 +57,6 @@ class Pipeline:
             )
             for shard, queue in enumerate(self.queues)
         ]
-        self._training: set[asyncio.Task[None]] = set()
         self.started = False
 
     @property
@@ -104,9 +103,7 @@ class Pipeline:
         except TimeoutError:
             log.error("shutdown timeout: %d readings were not predicted", self.pending())
             await asyncio.gather(*(b.cancel() for b in self.batchers))
-        for task in self._training:
-            task.cancel()
-        await asyncio.gather(*self._training, return_exceptions=True)
+        await self.pool.cancel_training()
         await self._save_models()
         await self.pool.stop()
         self.started = False
@@ -147,19 +144,8 @@ class Pipeline:
         log.info("saved %d models to %s", saved, self.settings.model_dir)
 
     def _train(self, job: TrainingJob) -> None:
-        task = asyncio.create_task(self._fit(job), name=f"fit-{job.sensor_id}")
-        self._training.add(task)
-        task.add_done_callback(self._training.discard)
-
-    async def _fit(self, job: TrainingJob) -> None:
-        try:
-            fitted = await self.pool.fit(job.job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("retraining sensor %s failed; keeping its model", job.sensor_id)
-            fitted = None
-        self.batchers[job.shard].install(job.sensor_id, fitted)
+        batcher = self.batchers[job.shard]
+        self.pool.train(job, lambda fitted: batcher.install(job.sensor_id, fitted))
 
 
 def _saved_models(model_dir: str) -> list[tuple[str, str]]:
