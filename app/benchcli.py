@@ -103,7 +103,15 @@ def _run_script(script: Script, quick: bool, out_dir: Path) -> dict[str, Any]:
     return data
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A figure with three significant digits and k/M for large numbers; ``-`` for none.
+
+    The benchmark scripts print their figures with it too, so the table and their output agree.
+
+    Examples:
+        >>> [fmt(x) for x in (0.01234, 3.456, 123.4, 12345.0, 2_500_000.0, None, "ok")]
+        ['0.0123', '3.46', '123', '12.3k', '2.50M', '-', 'ok']
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if not isinstance(value, int | float):
@@ -130,13 +138,13 @@ def table(scripts: dict[str, dict[str, Any]]) -> str:
         for row in data["rows"]:
             base = ""
             if row.get("baseline"):
-                base = f"{row['baseline']} ({_fmt(row.get('baseline_value'))})"
-            ratio = f"{_fmt(row['ratio'])}x" if row.get("ratio") is not None else ""
+                base = f"{row['baseline']} ({fmt(row.get('baseline_value'))})"
+            ratio = f"{fmt(row['ratio'])}x" if row.get("ratio") is not None else ""
             target = ""
             if row.get("target"):
                 target = f"{row['target']}: {'met' if row.get('met') else '**missed**'}"
             lines.append(
-                f"| {row.get('item', name)} | {row['measure']} | {_fmt(row['value'])} "
+                f"| {row.get('item', name)} | {row['measure']} | {fmt(row['value'])} "
                 f"| {row.get('unit', '')} | {base} | {ratio} | {target} |"
             )
     return "\n".join(lines)

@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from app.benchcli import fmt
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -116,24 +118,6 @@ class Results:
 
 def _nan_to_none(value: object) -> object:
     return None
-
-
-def fmt(value: float | None) -> str:
-    """Three significant figures, with k/M for large numbers.
-
-    Examples:
-        >>> [fmt(x) for x in (0.01234, 3.456, 123.4, 12345.0, 2_500_000.0, None)]
-        ['0.0123', '3.46', '123', '12.3k', '2.50M', '-']
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if abs(value) >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if abs(value) >= 1e4:
-        return f"{value / 1e3:.1f}k"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
 
 
 def free_port() -> int:
