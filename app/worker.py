@@ -64,6 +64,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Save a partition's checkpoint and trim its stream, fenced by the lease: a worker that lost
+# the partition without knowing it yet must not overwrite its successor's checkpoint.
+# KEYS: lease, ckpt, stream; ARGV: owner, last id, states.
+_CHECKPOINT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'states', ARGV[3])
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
+return 1
+"""
+
 Entry = tuple[bytes, dict[bytes, bytes]]
 ENTRIES_PER_READ = 64
 """Stream entries read at once (one entry holds one request's readings for a partition)."""
@@ -98,6 +108,7 @@ class Worker:
         self._releasing: set[int] = set()
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._save = self.redis.register_script(_CHECKPOINT)
         self.observer: BatchObserver | None = None
         self.processed = 0
         self.published = 0
@@ -362,10 +373,9 @@ class _Partition:
             return
         worker, p = self.worker, self.p
         states = await self.runner.call(shard.export_states, p, worker.partitions)
-        async with worker.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(worker.key(f"ckpt:{p}"), mapping={"id": self.last_acked, "states": states})
-            pipe.xtrim(worker.key(f"readings:{p}"), minid=self.last_acked, approximate=False)
-            await pipe.execute()
+        keys = [worker.key(f"lease:{p}"), worker.key(f"ckpt:{p}"), worker.key(f"readings:{p}")]
+        if not await worker._save(keys=keys, args=[worker.id, self.last_acked, states]):
+            raise LeaseLost
         self.cadence.reset()
 
 
