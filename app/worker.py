@@ -401,7 +401,11 @@ async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
 
     app = Starlette(routes=[Route("/metrics", scrape), Route("/healthz", healthz)])
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
-    await _Server(config).serve()
+    try:
+        await _Server(config).serve()
+    except SystemExit:  # uvicorn's word for a port it could not bind (logged above)
+        log.error("SENSORCAST_METRICS_PORT: cannot serve metrics on %s:%d", host, port)
+        raise
 
 
 async def run_worker(settings: Settings) -> int:

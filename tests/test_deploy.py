@@ -351,6 +351,9 @@ class Topology:
             mapped["SENSORCAST_HOST"] = "127.0.0.1"  # loopback only, even in tests
         if port is not None:
             mapped["SENSORCAST_PORT"] = str(port)
+        if "SENSORCAST_METRICS_PORT" in mapped:
+            # One network namespace here, not one per container: a port each.
+            mapped["SENSORCAST_METRICS_PORT"] = str(free_port())
         # Two cores shared with other tests: one model process per worker is plenty here.
         mapped.setdefault("SENSORCAST_WORKERS", "1")
         mapped.setdefault("SENSORCAST_LOG_LEVEL", "info")
