@@ -120,6 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    # The ingest route is served ahead of routing (see app/api/readings.py); request ids and
+    # the access log wrap everything.
+    app.add_middleware(readings.IngestEndpoint)
     app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app
 
