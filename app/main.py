@@ -29,8 +29,10 @@ from app.api import (
 )
 from app.api.auth import Guard, Scope, require
 from app.api.deps import Ingest, State
+from app.api.hosts import HostPolicy, TrustedHostMiddleware
 from app.backends import backend_from_url
 from app.config import Settings
+from app.edge import Edge
 from app.logs import RequestIdMiddleware
 from app.looplag import LoopLagMonitor
 from app.metrics import Metrics
@@ -50,10 +52,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = Guard.from_settings(settings)
     metrics = Metrics()
     loop_lag = LoopLagMonitor()
+    edge = Edge(settings)
+    metrics.edge = edge.refusals
+    hosts = HostPolicy.for_settings(settings.trusted_hosts, settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         guard.on_startup()
+        if hosts.any:
+            log.info("any Host header is served (SENSORCAST_TRUSTED_HOSTS lists the names)")
+        else:
+            log.info("Host names served: %s", ", ".join(hosts.patterns))
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(loop_lag)
             backend = backend_from_url(settings.backend, timeout_s=settings.redis_timeout_s)
@@ -83,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stop_pipeline = embedded.stop
                 for batcher in embedded.batchers:
                     batcher.observer = metrics.observe_batch
+                embedded.on_evict = hub.evict
                 metrics.bind(embedded, hub, loop_lag)
             stack.callback(metrics.bind, None, None, None)
 
@@ -114,7 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.drain = _nothing_to_drain
     app.state.guard = guard
-    app.state.bodies = BodyBudget(settings.max_pending_body_bytes)
+    app.state.edge = edge
+    app.state.bodies = BodyBudget(
+        settings.max_pending_body_bytes, large_body_bytes=settings.max_body_bytes // 8
+    )
     errors.install(app)
     app.state.metrics = metrics
     app.state.loop_lag = loop_lag
@@ -126,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    app.add_middleware(TrustedHostMiddleware, policy=hosts, refusals=edge.refusals)
     app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app
 

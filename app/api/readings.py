@@ -17,7 +17,7 @@ from app.api.auth import Scope, require
 from app.api.deps import Ingest
 from app.config import Settings
 from app.metrics import Metrics, count_refusal
-from app.pipeline.ingest import BodyBudget, Overloaded
+from app.pipeline.ingest import BodyBudget, Overloaded, SensorLimitReached
 from app.pipeline.pipeline import Pipeline
 from app.schemas import (
     Accepted,
@@ -59,7 +59,7 @@ async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
         size = int(declared)
         if size > limit:
             raise TooLarge(f"body of {size} bytes; the limit is {limit}")
-        if budget.used + size > budget.max_bytes:
+        if not budget.fits(size, size):
             raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
     chunks: list[bytes] = []
     held = 0
@@ -67,7 +67,7 @@ async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
         async for chunk in request.stream():
             if held + len(chunk) > limit:
                 raise TooLarge(f"body over the limit of {limit} bytes")
-            if not budget.take(len(chunk)):
+            if not budget.take(len(chunk), held + len(chunk)):
                 raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
             held += len(chunk)
             chunks.append(chunk)
@@ -95,6 +95,10 @@ async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
         415: {"model": ErrorBody, "description": "Not JSON or NDJSON."},
         422: {"model": InvalidBody, "description": "Some readings are invalid; each is listed."},
         429: {"model": ErrorBody, "description": "Over the key's rate limit; see Retry-After."},
+        507: {
+            "model": ErrorBody,
+            "description": "New sensors beyond the sensor limit (max_sensors); none taken.",
+        },
         503: {"model": ErrorBody, "description": "The pipeline is full; see Retry-After."},
     },
     openapi_extra={
@@ -182,6 +186,9 @@ async def _admit(
     except Overloaded as exc:
         metrics.count_refusal("overloaded")
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    except SensorLimitReached as exc:
+        metrics.count_refusal("sensor_limit")
+        return _error(507, str(exc))
     metrics.accepted += accepted
     metrics.duplicates += duplicates
     return Response(
