@@ -48,9 +48,11 @@ FD_PER_WORKER = 8
 """Pipes and sockets the service holds per model process."""
 MAX_CONNECTIONS_DEFAULT = 4096
 MAX_SUBSCRIBERS_DEFAULT = 2000
+LINGER_S = 1.0
+"""After refusing a request, how long its connection's input is read and discarded."""
 CLOSE_GRACE_S = 10.0
 """After a WebSocket close, how long a peer has to take the close frame before the socket is
-aborted."""
+aborted (the ping timeout when one is set)."""
 
 REFUSALS = {
     "connections": "over max_connections (503)",
@@ -246,9 +248,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._refused = True
         self.edge.refusals.count(reason)
-        if not self.transport.is_closing():
-            self.transport.write(_response(status, phrase, detail, headers))
-            self.transport.close()
+        self._answer_and_close(_response(status, phrase, detail, headers))
+
+    def _answer_and_close(self, response: bytes) -> None:
+        # Closing a socket with unread input resets it, and a reset can destroy the answer
+        # before the client reads it: send, half-close, discard what still comes in, and
+        # close a moment later.
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._timer = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def _header_deadline(self) -> None:
         self._timer = None
@@ -278,8 +292,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 f"request body not received in time ({settings.body_timeout_s:g} s plus "
                 f"{settings.body_min_bytes_per_s} bytes/s)"
             )
-            self.transport.write(_response(408, "Request Timeout", detail, {}))
-        self.transport.close()
+            self._answer_and_close(_response(408, "Request Timeout", detail, {}))
+        else:
+            self.transport.close()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -375,15 +390,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, whose socket is aborted :data:`CLOSE_GRACE_S` after it
-    was closed if the peer never took the close (a peer that reads nothing would otherwise
+    """uvicorn's WebSocket protocol, whose socket is aborted a ping timeout after it was
+    closed if the peer never took the close (a peer that reads nothing would otherwise
     hold it for ever: a plain close waits for the send buffer to drain)."""
 
     _abort_timer: asyncio.TimerHandle | None = None
 
     def _abort_later(self) -> None:
         if self._abort_timer is None and not self.disconnected:
-            self._abort_timer = self.loop.call_later(CLOSE_GRACE_S, self._abort)
+            grace_s = self.config.ws_ping_timeout or CLOSE_GRACE_S
+            self._abort_timer = self.loop.call_later(grace_s, self._abort)
 
     def _abort(self) -> None:
         if not self.disconnected:

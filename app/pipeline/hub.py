@@ -36,6 +36,7 @@ SENSOR_PAGE_MAX = 1000
 """The most sensors one ``GET /v1/sensors`` page describes."""
 
 RECENT_PER_SENSOR = 20
+REAP_LOG_INTERVAL_S = 10.0
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -388,17 +389,26 @@ class PredictionHub:
         # A peer that takes no bytes at all cannot be reached by a close frame either;
         # its relay is cancelled so that its queue and task go (the socket's own buffer is
         # bounded by the transport's high-water mark).
+        # Logged at most once per interval with the count: a flood of dead peers must not
+        # become a flood of log lines.
         period = max(0.05, min(1.0, self.stall_timeout_s / 4))
+        unlogged = 0
+        next_log = 0.0
         while True:
             await asyncio.sleep(period)
-            horizon = time.monotonic() - self.stall_timeout_s
+            now = time.monotonic()
+            horizon = now - self.stall_timeout_s
             for sub in list(self.subscribers):
                 since = sub.busy_since
                 if since is not None and since < horizon and sub.on_stall is not None:
-                    log.warning("dropping a subscriber whose socket stalled")
                     self.reaped += 1
+                    unlogged += 1
                     sub.on_stall()
                     self.unsubscribe(sub)
+            if unlogged and now >= next_log:
+                log.warning("dropped %d subscribers whose socket stalled", unlogged)
+                unlogged = 0
+                next_log = now + REAP_LOG_INTERVAL_S
 
     def dispatch(self, messages: list[Message]) -> None:
         """Record a batch and push it to every matching subscriber (never awaits)."""
