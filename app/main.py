@@ -126,7 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.guard = guard
     app.state.edge = edge
     app.state.bodies = BodyBudget(
-        settings.max_pending_body_bytes, large_body_bytes=settings.max_body_bytes // 8
+        settings.max_pending_body_bytes,
+        large_body_bytes=settings.max_body_bytes // 8,
+        max_body_bytes=settings.max_body_bytes,
     )
     errors.install(app)
     app.state.metrics = metrics

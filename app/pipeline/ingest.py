@@ -33,22 +33,23 @@ class BodyBudget:
 
     Without it, many concurrent large uploads would each hold a body (and its parsed
     readings) before the queues could refuse them. A quarter of it is kept for bodies of at
-    most ``large_body_bytes``: clients that stall large bodies can fill the rest, never that
-    share, so ordinary requests are still served while the stalled ones wait out their
-    deadline.
+    most ``large_body_bytes`` (unless that leaves less than ``max_body_bytes`` for the
+    others): clients that stall large bodies can fill the rest, never that share, so ordinary
+    requests are still served while the stalled ones wait out their deadline.
 
     Examples:
-        >>> budget = BodyBudget(max_bytes=100, large_body_bytes=10)
+        >>> budget = BodyBudget(max_bytes=100, large_body_bytes=10, max_body_bytes=50)
         >>> budget.take(60, 60), budget.take(20, 80), budget.take(20, 5), budget.used
         (True, False, True, 80)
         >>> budget.give_back(80); budget.take(100, 5)
         True
     """
 
-    def __init__(self, max_bytes: int, large_body_bytes: int) -> None:
+    def __init__(self, max_bytes: int, large_body_bytes: int, max_body_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
         self.large_body_bytes = large_body_bytes
-        self.large_max_bytes = max_bytes - max_bytes // 4
+        # A body of the largest size allowed must always fit alone.
+        self.large_max_bytes = max(max_bytes - max_bytes // 4, max_body_bytes)
         self.used = 0
 
     def fits(self, size: int, body_size: int) -> bool:
