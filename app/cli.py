@@ -66,10 +66,13 @@ def serve(args: argparse.Namespace) -> int:
     """Run the HTTP/WebSocket service until SIGTERM or SIGINT, then drain and exit 0."""
     import uvicorn
 
+    from app.edge import Edge, open_file_limit
     from app.main import create_app
 
     try:
         settings = _settings(args, ("host", "port", "backend", "workers", "log_level"))
+        # Before the app sizes its connection limits from it.
+        open_file_limit()
         app = create_app(settings)
     except ValidationError as exc:
         return _fail(describe_error(exc))
@@ -82,13 +85,20 @@ def serve(args: argparse.Namespace) -> int:
         if problem:
             return _fail(f"SENSORCAST_MODEL_DIR: {problem}")
     configure_logging(settings.log_level, settings.log_format)
+    edge: Edge = app.state.edge
+    http_protocol, ws_protocol = edge.protocols()
+    log.info(
+        "limits: %d connections, %d subscribers (open files: %d)",
+        edge.max_connections, edge.max_subscribers, edge.open_files,
+    )  # fmt: skip
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http=http_protocol,
+        ws=ws_protocol,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         ws_max_size=settings.ws_max_message_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     """``sensorcast worker``: serve ``/metrics`` and ``/healthz`` on this port."""
     dedup_window_s: float = Field(600.0, ge=0)
     dedup_max_ids: int = Field(1_000_000, ge=0)
+    max_sensors: int = Field(50_000, ge=1)
+    """Sensors the service keeps state for at once; readings of a new sensor beyond it are
+    refused (507), the whole request with them."""
+    sensor_idle_evict_s: float = Field(86_400.0, ge=0)
+    """A sensor without readings for this long is forgotten (its model saved first where a
+    model dir is set, so it resumes when it returns); 0 never evicts."""
 
     # Request limits
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
@@ -143,6 +149,33 @@ class Settings(BaseSettings):
     """Named values per reading (``values``); the contract's ceiling is 32."""
     max_sensor_id_chars: int = Field(128, ge=1, le=128)
     max_reading_id_chars: int = Field(128, ge=1, le=128)
+
+    # Edge: connections, headers, bodies, hosts
+    max_connections: int | None = Field(None, ge=1)
+    """Open connections (HTTP and WebSocket) at once; beyond it, 503. None: sized from the
+    open-file limit (see :func:`app.edge.open_file_limit`)."""
+    max_subscribers: int | None = Field(None, ge=1)
+    """WebSocket subscribers at once; beyond it, the handshake gets 503. None: half of
+    ``max_connections``."""
+    max_subscribers_per_key: int | None = Field(None, ge=1)
+    """Subscribers one API key may hold at once, where keys are set. None: no bound apart
+    from ``max_subscribers``."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A request's line and headers must arrive within this long of its first byte (or of
+    the connection, for the first request); else 408 and the connection is closed."""
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    """Request line and headers; beyond it, 431 and the connection is closed."""
+    max_headers: int = Field(100, ge=8)
+    """Header fields per request; beyond it, 431."""
+    body_timeout_s: float = Field(10.0, gt=0)
+    """Time a body may take on top of its size at ``body_min_bytes_per_s``; past it, 408 and
+    the connection is closed (what it held of ``max_pending_body_bytes`` is given back)."""
+    body_min_bytes_per_s: int = Field(100 * 1024, ge=1)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    """An idle keep-alive connection is closed after this long."""
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """``Host`` names served (``*.example.com`` for subdomains, ``*`` any). Empty: loopback
+    names only when bound to a loopback address, any name otherwise."""
 
     # Subscriptions
     history_max_frames: int = Field(100_000, ge=0)
@@ -168,7 +201,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0)
     pool_start_timeout_s: float = Field(60.0, gt=0)
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "trusted_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -214,6 +247,13 @@ class Settings(BaseSettings):
         if largest is not None and value < largest:
             raise ValueError(f"must be at least max_body_bytes ({largest})")
         return value
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        from app.api.hosts import check_host_pattern
+
+        return [check_host_pattern(pattern) for pattern in value]
 
     @field_validator("backend")
     @classmethod

@@ -31,8 +31,10 @@ from app.api import (
 )
 from app.api.auth import Guard, require
 from app.api.deps import Ingest, State
+from app.api.hosts import HostPolicy, TrustedHostMiddleware
 from app.backends import backend_from_url, load, topology_of
 from app.config import Settings
+from app.edge import Edge
 from app.logs import RequestIdMiddleware
 from app.looplag import LoopLagMonitor
 from app.metrics import Metrics
@@ -51,10 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = Guard.from_settings(settings)
     metrics = Metrics()
     loop_lag = LoopLagMonitor()
+    edge = Edge(settings)
+    metrics.edge = edge.refusals
+    hosts = HostPolicy.for_settings(settings.trusted_hosts, settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         guard.on_startup()
+        if hosts.any:
+            log.info("any Host header is served (SENSORCAST_TRUSTED_HOSTS lists the names)")
+        else:
+            log.info("Host names served: %s", ", ".join(hosts.patterns))
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(loop_lag)
             topology = topology_of(settings.backend)
@@ -79,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipeline: Ingest = load(topology.ingest, topology.extra)(settings, backend)
             pipeline.observer = metrics.observe_batch
             metrics.bind(pipeline.stage, hub, loop_lag)
+            pipeline.on_evict = hub.evict
             stack.callback(metrics.bind, None, None, None)
 
             async def drain() -> None:
@@ -107,7 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.drain = _nothing_to_drain
     app.state.guard = guard
-    app.state.bodies = BodyBudget(settings.max_pending_body_bytes)
+    app.state.edge = edge
+    app.state.bodies = BodyBudget(
+        settings.max_pending_body_bytes,
+        large_body_bytes=settings.max_body_bytes // 8,
+        max_body_bytes=settings.max_body_bytes,
+    )
     errors.install(app)
     app.state.metrics = metrics
     app.state.loop_lag = loop_lag
@@ -120,9 +135,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
-    # The ingest route is served ahead of routing (see app/api/readings.py); request ids and
-    # the access log wrap everything.
+    # The ingest route is served ahead of routing (see app/api/readings.py), behind the
+    # trusted-host check; request ids and the access log wrap everything.
     app.add_middleware(readings.IngestEndpoint)
+    app.add_middleware(TrustedHostMiddleware, policy=hosts, refusals=edge.refusals)
     app.add_middleware(RequestIdMiddleware, access=settings.access_log)
     return app
 

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
+    from app.edge import RefusalLog
     from app.pipeline.hub import PredictionHub
     from app.pipeline.runner import Done, ShardRunner
     from app.schemas import Reading
@@ -44,6 +45,7 @@ REFUSAL_REASONS = {
     "invalid": 422,
     "rate_limited": 429,
     "overloaded": 503,
+    "sensor_limit": 507,
 }
 """Why a ``POST /v1/readings`` was refused, and its status. Known reasons are exported from
 the start (at 0), so ``rate()`` works on the first refusal. ``overloaded`` covers every 503:
@@ -165,6 +167,8 @@ class Metrics:
             buckets=_POOL_BUCKETS_S,
             registry=self.registry,
         )
+        self.edge: RefusalLog | None = None
+        """Connections and requests refused at the edge (see ``app/edge.py``)."""
         self._pipeline: ModelStage | None = None
         self._hub: PredictionHub | None = None
         self._loop_lag: LagSource | None = None
@@ -269,6 +273,16 @@ class _PipelineCollector(Collector):
         for reason, count in sorted(m.refused.items()):
             refused.add_metric((reason, str(REFUSAL_REASONS.get(reason, 0))), count)
         yield refused
+        if m.edge is not None:
+            edge = CounterMetricFamily(
+                f"{NAMESPACE}_connections_refused",
+                "Connections, WebSocket handshakes and requests refused at the edge, by reason "
+                "(limits on connections, subscribers, header and body time and size, Host).",
+                labels=("reason",),
+            )
+            for reason, count in sorted(m.edge.counts.items()):
+                edge.add_metric((reason,), count)
+            yield edge
         yield _counter("model_swaps", "Retrained models swapped in.", m.model_swaps)
         yield _counter(
             "model_fit_failures",
@@ -379,7 +393,7 @@ class _PipelineCollector(Collector):
         sensors = hub.sensors
         yield _gauge("sensors", "Sensors seen.", len(sensors))
         yield _gauge("history_frames", "Messages kept for resumes.", len(hub.history))
-        predictions = anomalies = 0
+        predictions, anomalies = hub.evicted_predictions, hub.evicted_anomalies
         for s in sensors.values():
             predictions += s.count
             anomalies += s.anomalies

@@ -474,7 +474,8 @@ async def test_an_unexpected_error_is_a_json_500_without_internals() -> None:
 
     # In process, without the lifespan: the route needs no pipeline.
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+    # A loopback name: the service binds 127.0.0.1, so it serves only those (trusted_hosts).
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         r = await client.get("/boom")
     assert r.status_code == 500
     assert r.json() == {"detail": "internal error"}

@@ -257,11 +257,22 @@ class Guard:
         headers = websocket.headers
         if not self.origins.allows(headers.get("origin"), headers.get("host")):
             return Denial(403, "origin not allowed (see SENSORCAST_ALLOWED_ORIGINS)", {})
-        key = websocket.query_params.get("key") or header_key(
-            headers.get("authorization"), headers.get("x-api-key")
-        )
+        key = websocket_key(websocket)
         # Reconnecting subscribers are not rate limited: their cost is the connection.
         return self.check(key, scope, rate_limited=False)
+
+
+def websocket_key(websocket: WebSocket) -> str | None:
+    """The key a WebSocket handshake presents (query ``key=`` or a header), if any."""
+    headers = websocket.headers
+    return websocket.query_params.get("key") or header_key(
+        headers.get("authorization"), headers.get("x-api-key")
+    )
+
+
+def key_id(key: str | None) -> bytes | None:
+    """What identifies a key in per-key counts (its digest, never the key itself)."""
+    return None if key is None else _digest(key)
 
 
 def header_key(authorization: str | bytes | None, api_key: str | bytes | None) -> str | None:

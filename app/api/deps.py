@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Protocol, TypedDict
 
 from fastapi import Depends, Request, WebSocket
@@ -20,6 +21,8 @@ class Ingest(Protocol):
 
     observer: BatchObserver | None
     """Told of each batch published here (the embedded topology only)."""
+    on_evict: Callable[[list[str]], object] | None
+    """Told the ids of sensors evicted for being idle (the embedded topology only)."""
 
     def __init__(self, settings: Settings, backend: Backend) -> None: ...
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,10 @@ from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
 from app.access import Scope
-from app.api.auth import websocket_denial
+from app.api.auth import guard_of, key_id, websocket_denial, websocket_key
 from app.api.deps import WsHubDep
-from app.pipeline.hub import PredictionHub, SensorFilter, Subscriber
+from app.edge import Edge
+from app.pipeline.hub import SNAPSHOT_SLICE, PredictionHub, SensorFilter, Subscriber
 from app.pipeline.wire import Message
 from app.schemas import SENSOR_ID_PATTERN
 
@@ -144,16 +146,36 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
     if hub.closing:
         await _deny(websocket, 503, "server shutting down")
         return
-    await websocket.accept()
-    await Connection(websocket, hub, query).run()
+    edge: Edge = websocket.app.state.edge
+    owner = None if guard_of(websocket.app).open else key_id(websocket_key(websocket))
+    refusal = edge.slots.acquire(owner)
+    if refusal is not None:
+        edge.refusals.count(refusal)
+        limit = "subscribers" if refusal == "subscribers" else "subscribers for this API key"
+        await _deny(
+            websocket, 503, f"too many {limit} connected; retry later", {"Retry-After": "5"}
+        )
+        return
+    try:
+        await websocket.accept()
+        await Connection(websocket, hub, query).run()
+    finally:
+        edge.slots.release(owner)
 
 
-async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
+async def _deny(
+    websocket: WebSocket, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
     """Refuse the handshake with an HTTP response where the server supports it."""
     try:
-        await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
+        await websocket.send_denial_response(
+            JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        )
     except RuntimeError:
         await websocket.close(CLOSE_POLICY, detail[:120])
+
+
+_AFTER_CLOSE = "after sending 'websocket.close'"
 
 
 def _dumps(frame: dict[str, Any]) -> str:
@@ -169,10 +191,21 @@ class Connection:
         self.query = query
         # The relay owns the socket once accepted, so it calls the ASGI send directly and
         # skips Starlette's per-message state checks: this is the per-frame hot path.
-        self._send: Send = websocket._send
+        self._asgi_send: Send = websocket._send
+        self._send: Send = self._send_frame
         self.sub: Subscriber | None = None
         self._last_seq = query.since or 0
         """The seq of the last message sent: where this client may resume."""
+
+    async def _send_frame(self, message: MutableMapping[str, Any]) -> None:
+        # The server may have closed the socket on its own (a keepalive ping unanswered, a
+        # protocol error) before telling the app: a send then is the peer gone, not a bug.
+        try:
+            await self._asgi_send(message)
+        except RuntimeError as exc:
+            if _AFTER_CLOSE in str(exc):
+                raise WebSocketDisconnect(1006) from None
+            raise
 
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -205,7 +238,13 @@ class Connection:
         sub = self.sub = subscription.subscriber
         hello = _dumps({"type": "hello", "epoch": hub.epoch, "seq": hub.latest_seq})
         relay = asyncio.create_task(
-            self.relay(hello, subscription.snapshot, subscription.gap, subscription.replay),
+            self.relay(
+                hello,
+                subscription.snapshot,
+                subscription.gap,
+                subscription.replay,
+                subscription.alarms,
+            ),
             name="ws-relay",
         )
         reader = asyncio.create_task(self.read(), name="ws-read")
@@ -226,7 +265,12 @@ class Connection:
                     await task
 
     async def relay(
-        self, hello: str, snapshot: list[str], gap: dict[str, Any] | None, replay: list[Message]
+        self,
+        hello: str,
+        snapshot: list[str],
+        gap: dict[str, Any] | None,
+        replay: list[Message],
+        alarms: list[str],
     ) -> None:
         """Send what the subscription is owed, then move frames from the queue to the socket
         until the hub closes or the peer goes."""
@@ -234,7 +278,14 @@ class Connection:
         assert sub is not None
         sub.busy_since = time.monotonic()
         await self.send_text(hello)
-        for frame in snapshot:
+        # A snapshot of many sensors goes in slices, letting other tasks run in between.
+        for start in range(0, len(snapshot), SNAPSHOT_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            chunk = snapshot[start : start + SNAPSHOT_SLICE]
+            for frame in self.hub.snapshot_frames(chunk, sub.filter):
+                await self.send_text(frame)
+        for frame in alarms:
             await self.send_text(frame)
         if gap is not None:
             await self.send_text(_dumps(gap))

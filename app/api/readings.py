@@ -21,7 +21,7 @@ from app.api.auth import Guard, header_key, require
 from app.api.deps import Ingest
 from app.config import Settings
 from app.metrics import REFUSAL_BY_STATUS, Metrics
-from app.pipeline.ingest import BodyBudget, Overloaded
+from app.pipeline.ingest import BodyBudget, Overloaded, SensorLimitReached
 from app.pipeline.pipeline import Pipeline
 from app.schemas import (
     Accepted,
@@ -76,7 +76,7 @@ async def _read_body(
         size = int(declared)
         if size > limit:
             raise TooLarge(f"body of {size} bytes; the limit is {limit}")
-        if budget.used + size > budget.max_bytes:
+        if not budget.fits(size, size):
             raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
     parts: list[bytes] = []
     held = 0
@@ -84,7 +84,7 @@ async def _read_body(
         async for chunk in chunks:
             if held + len(chunk) > limit:
                 raise TooLarge(f"body over the limit of {limit} bytes")
-            if not budget.take(len(chunk)):
+            if not budget.take(len(chunk), held + len(chunk)):
                 raise Overloaded(retry_after_s=1, reason="too many request bodies in progress")
             held += len(chunk)
             parts.append(chunk)
@@ -202,6 +202,10 @@ class _Disconnected(Exception):
         415: {"model": ErrorBody, "description": "Not JSON or NDJSON."},
         422: {"model": InvalidBody, "description": "Some readings are invalid; each is listed."},
         429: {"model": ErrorBody, "description": "Over the key's rate limit; see Retry-After."},
+        507: {
+            "model": ErrorBody,
+            "description": "New sensors beyond the sensor limit (max_sensors); none taken.",
+        },
         503: {"model": ErrorBody, "description": "The pipeline is full; see Retry-After."},
     },
     openapi_extra={
@@ -274,6 +278,9 @@ async def _admit(
     except Overloaded as exc:
         metrics.count_refusal("overloaded")
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    except SensorLimitReached as exc:
+        metrics.count_refusal("sensor_limit")
+        return _error(507, str(exc))
     metrics.accepted += accepted
     metrics.duplicates += duplicates
     return Answer(202, b'{"accepted":%d,"duplicates":%d}' % (accepted, duplicates), (_JSON,))

@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 
 DISPATCH_SLICE = 256
 """Messages dispatched between two yields to the event loop."""
+SNAPSHOT_SLICE = 256
+"""Sensors of a snapshot sent between two yields to the event loop."""
+SENSOR_PAGE_MAX = 1000
+"""The most sensors one ``GET /v1/sensors`` page describes."""
 
 RECENT_PER_SENSOR = 20
+REAP_LOG_INTERVAL_S = 10.0
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -251,7 +256,6 @@ class SensorSummary:
     model_version: int = 0
     last: str | None = None
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_PER_SENSOR))
-    last_seen: float = 0.0
 
 
 @dataclass
@@ -262,9 +266,12 @@ class Subscription:
     replay: list[Message]
     """Kept messages after ``since`` that match the filter."""
     snapshot: list[str]
-    """The latest prediction of each matching sensor, when asked for."""
+    """With a snapshot asked for, every sensor id known at subscription, in order; the relay
+    sends their latest predictions in slices (:meth:`PredictionHub.snapshot_frames`)."""
     gap: dict[str, Any] | None
     """The ``gap`` frame owed first, if ``since`` reaches beyond what is kept."""
+    alarms: list[str] = field(default_factory=list)
+    """With a snapshot asked for, the active alarms of the matching sensors (their frames)."""
 
 
 class PredictionHub:
@@ -297,6 +304,15 @@ class PredictionHub:
         self.subscribers: set[Subscriber] = set()
         self.sensors: dict[str, SensorSummary] = {}
         self.alarms = AlarmBook()
+        self._ordered: list[str] = []
+        """Sensor ids in order, except those in ``_added``; may hold evicted ids until
+        :meth:`sensor_ids` next runs."""
+        self._added: list[str] = []
+        self._gone: set[str] = set()
+        """Evicted ids still in ``_ordered``."""
+        self.evicted_predictions = 0
+        """Predictions and anomalies of evicted sensors, so the totals never go down."""
+        self.evicted_anomalies = 0
         self.latest_seq = 0
         self.epoch = ""
         self.closing = False
@@ -378,17 +394,26 @@ class PredictionHub:
         # A peer that takes no bytes at all cannot be reached by a close frame either;
         # its relay is cancelled so that its queue and task go (the socket's own buffer is
         # bounded by the transport's high-water mark).
+        # Logged at most once per interval with the count: a flood of dead peers must not
+        # become a flood of log lines.
         period = max(0.05, min(1.0, self.stall_timeout_s / 4))
+        unlogged = 0
+        next_log = 0.0
         while True:
             await asyncio.sleep(period)
-            horizon = time.monotonic() - self.stall_timeout_s
+            now = time.monotonic()
+            horizon = now - self.stall_timeout_s
             for sub in list(self.subscribers):
                 since = sub.busy_since
                 if since is not None and since < horizon and sub.on_stall is not None:
-                    log.warning("dropping a subscriber whose socket stalled")
                     self.reaped += 1
+                    unlogged += 1
                     sub.on_stall()
                     self.unsubscribe(sub)
+            if unlogged and now >= next_log:
+                log.warning("dropped %d subscribers whose socket stalled", unlogged)
+                unlogged = 0
+                next_log = now + REAP_LOG_INTERVAL_S
 
     def dispatch(self, messages: list[Message]) -> None:
         """Record a batch and push it to every matching subscriber (never awaits)."""
@@ -400,6 +425,10 @@ class PredictionHub:
             summary = sensors.get(message.sensor_id)
             if summary is None:
                 summary = sensors[message.sensor_id] = SensorSummary(message.sensor_id)
+                if self._gone and message.sensor_id in self._gone:
+                    self._gone.discard(message.sensor_id)  # back, and still in _ordered
+                else:
+                    self._added.append(message.sensor_id)
             if message.kind == "model":
                 summary.model_version = json.loads(message.frame).get("model_version", 0)
             elif message.kind == "alarm":
@@ -442,14 +471,16 @@ class PredictionHub:
             epoch: The epoch ``since`` belongs to. When it is not this hub's (or, without it,
                 when ``since`` is above anything numbered here), numbering restarted: the
                 gap frame says so and every kept message of the current epoch is replayed.
-            snapshot: Also return the latest prediction of each matching sensor.
+            snapshot: Also return the latest prediction of each matching sensor, and the
+                active alarms of those sensors.
         """
         sub = Subscriber(filter, self.subscriber_queue_frames, self.policy)
         self.subscribers.add(sub)
         self.history.trim(time.monotonic())
-        frames = self.snapshot(filter) if snapshot else []
+        frames = self.sensor_ids() if snapshot else []
+        alarms = self.alarms.snapshot(filter.wants_sensor) if snapshot else []
         if since is None:
-            return Subscription(sub, [], frames, None)
+            return Subscription(sub, [], frames, None, alarms)
         oldest = self.history.oldest_seq or self.latest_seq + 1
         gap: dict[str, Any] | None = None
         if (epoch is not None and epoch != self.epoch) or (
@@ -470,7 +501,7 @@ class PredictionHub:
             # This replica has not yet seen what the client saw elsewhere: skip it live.
             sub.floor = since
         replay = filter.select(self.history.after(since))
-        return Subscription(sub, replay, frames, gap)
+        return Subscription(sub, replay, frames, gap, alarms)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -484,21 +515,80 @@ class PredictionHub:
         """Messages dropped for slow subscribers, over the hub's life."""
         return self._dropped_gone + sum(s.dropped_total for s in self.subscribers)
 
-    def snapshot(self, filter: SensorFilter) -> list[str]:
-        """The latest prediction of every sensor the filter wants, ordered by sensor id, then
-        the active alarms of those sensors.
+    def _refresh_order(self) -> list[str]:
+        # Kept up to date lazily: evicted ids are filtered out, and ids added since are
+        # sorted and merged in (timsort merges two sorted runs in linear time), so no call
+        # sorts the whole set again.
+        if self._gone:
+            gone = self._gone
+            self._ordered = [sid for sid in self._ordered if sid not in gone]
+            gone.clear()
+        if self._added:
+            self._added.sort()
+            self._ordered += self._added
+            self._ordered.sort()
+            self._added = []
+        return self._ordered
+
+    def sensor_ids(self) -> list[str]:
+        """Every known sensor id, in order (a fresh list)."""
+        return self._refresh_order().copy()
+
+    def snapshot_frames(self, sensor_ids: list[str], filter: SensorFilter) -> list[str]:
+        """The latest prediction of each of ``sensor_ids`` the filter wants (evicted ones
+        and those without a prediction are skipped), in the order given.
 
         ``anomalies_only`` does not apply: the snapshot is each sensor's current state.
         """
         # Marked, so that a resuming client can tell them from the replay that follows.
-        return [
-            s.last[:-1] + ',"snapshot":true}'
-            for sid, s in sorted(self.sensors.items())
-            if s.last is not None and filter.wants_sensor(sid)
-        ] + self.alarms.snapshot(filter.wants_sensor)
+        sensors = self.sensors
+        frames = []
+        for sid in sensor_ids:
+            s = sensors.get(sid)
+            if s is not None and s.last is not None and filter.wants_sensor(sid):
+                frames.append(s.last[:-1] + ',"snapshot":true}')
+        return frames
+
+    def snapshot(self, filter: SensorFilter) -> list[str]:
+        """Every snapshot frame at once (for tests and small services; the relay slices):
+        the latest prediction of each matching sensor, then their active alarms."""
+        return self.snapshot_frames(self.sensor_ids(), filter) + self.alarms.snapshot(
+            filter.wants_sensor
+        )
+
+    def sensor_page(
+        self, limit: int = SENSOR_PAGE_MAX, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` sensors ordered by id, those after ``after`` only; and the cursor
+        of the next page (the last id of this one), or None on the last page.
+
+        A sensor known throughout a walk of the pages appears on exactly one of them.
+        """
+        ids = self._refresh_order()
+        start = bisect_right(ids, after) if after is not None else 0
+        chosen = ids[start : start + limit]
+        sensors = self.sensors
+        page = [self._describe(sensors[sid], recent=False) for sid in chosen]
+        more = start + limit < len(ids)
+        return page, (chosen[-1] if more and chosen else None)
 
     def sensor_list(self) -> list[dict[str, Any]]:
-        return [self._describe(s, recent=False) for _, s in sorted(self.sensors.items())]
+        return [self._describe(self.sensors[sid], recent=False) for sid in self.sensor_ids()]
+
+    def evict(self, sensor_ids: Iterable[str]) -> int:
+        """Forget sensors (their summaries and recent predictions); returns how many were
+        known. Messages already in the history stay until they age out."""
+        self._refresh_order()  # every known id is in _ordered now
+        gone = 0
+        sensors = self.sensors
+        for sid in sensor_ids:
+            summary = sensors.pop(sid, None)
+            if summary is not None:
+                gone += 1
+                self._gone.add(sid)
+                self.evicted_predictions += summary.count
+                self.evicted_anomalies += summary.anomalies
+        return gone
 
     def sensor(self, sensor_id: str) -> dict[str, Any] | None:
         summary = self.sensors.get(sensor_id)

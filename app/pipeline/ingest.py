@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from app.pipeline.routing import shard_of
 from app.schemas import Reading, TooLarge
@@ -31,23 +32,35 @@ class BodyBudget:
     """Bytes of request bodies held in memory at once, while received and parsed.
 
     Without it, many concurrent large uploads would each hold a body (and its parsed
-    readings) before the queues could refuse them.
+    readings) before the queues could refuse them. A quarter of it is kept for bodies of at
+    most ``large_body_bytes`` (unless that leaves less than ``max_body_bytes`` for the
+    others): clients that stall large bodies can fill the rest, never that share, so ordinary
+    requests are still served while the stalled ones wait out their deadline.
 
     Examples:
-        >>> budget = BodyBudget(max_bytes=100)
-        >>> budget.take(60), budget.take(60), budget.used
-        (True, False, 60)
-        >>> budget.give_back(60); budget.take(100)
+        >>> budget = BodyBudget(max_bytes=100, large_body_bytes=10, max_body_bytes=50)
+        >>> budget.take(60, 60), budget.take(20, 80), budget.take(20, 5), budget.used
+        (True, False, True, 80)
+        >>> budget.give_back(80); budget.take(100, 5)
         True
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, large_body_bytes: int, max_body_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.large_body_bytes = large_body_bytes
+        # A body of the largest size allowed must always fit alone.
+        self.large_max_bytes = max(max_bytes - max_bytes // 4, max_body_bytes)
         self.used = 0
 
-    def take(self, size: int) -> bool:
-        """Reserve ``size`` bytes; False (and nothing reserved) when they do not fit."""
-        if self.used + size > self.max_bytes:
+    def fits(self, size: int, body_size: int) -> bool:
+        """Whether ``size`` more bytes fit, for a body that is then ``body_size`` long."""
+        limit = self.max_bytes if body_size <= self.large_body_bytes else self.large_max_bytes
+        return self.used + size <= limit
+
+    def take(self, size: int, body_size: int) -> bool:
+        """Reserve ``size`` bytes of a body then ``body_size`` long; False (and nothing
+        reserved) when they do not fit."""
+        if not self.fits(size, body_size):
             return False
         self.used += size
         return True
@@ -101,6 +114,69 @@ class RecentIds:
             del seen[key]
 
 
+class SensorLimitReached(Exception):
+    """New sensors beyond ``max_sensors`` (507); nothing of the request was taken."""
+
+
+class SensorRegistry:
+    """The sensors the service keeps state for, with when each last sent a reading.
+
+    Bounds per-sensor state: a request bringing new sensors beyond ``max_sensors`` is
+    refused whole, and :meth:`idle` names the sensors to forget.
+
+    Examples:
+        >>> reg = SensorRegistry(max_sensors=2)
+        >>> reg.admit(["a", "b", "a"], now=0.0)
+        >>> try:
+        ...     reg.admit(["c"], now=1.0)
+        ... except SensorLimitReached as e:
+        ...     print(str(e)[:69])
+        the request brings 1 new sensors and 2 are known: over the limit of 2
+        >>> reg.admit(["b"], now=5.0); reg.idle(horizon=2.0), len(reg)
+        (['a'], 1)
+    """
+
+    def __init__(self, max_sensors: int) -> None:
+        self.max_sensors = max_sensors
+        self.last_seen: dict[str, float] = {}
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self.last_seen)
+
+    def check(self, sensor_ids: list[str]) -> None:
+        """Raises:
+        SensorLimitReached: the new ids among ``sensor_ids`` do not fit."""
+        seen = self.last_seen
+        if len(seen) + len(sensor_ids) <= self.max_sensors:
+            return
+        new = {sid for sid in sensor_ids if sid not in seen}
+        if len(seen) + len(new) > self.max_sensors:
+            self.refused += 1
+            raise SensorLimitReached(
+                f"the request brings {len(new)} new sensors and {len(seen)} are known: over "
+                f"the limit of {self.max_sensors} sensors (SENSORCAST_MAX_SENSORS); nothing "
+                "of the request was accepted"
+            )
+
+    def touch(self, sensor_ids: Iterable[str], now: float) -> None:
+        seen = self.last_seen
+        for sid in sensor_ids:
+            seen[sid] = now
+
+    def admit(self, sensor_ids: list[str], now: float) -> None:
+        self.check(sensor_ids)
+        self.touch(sensor_ids, now)
+
+    def idle(self, horizon: float) -> list[str]:
+        """Forget the sensors without a reading since ``horizon``; returns their ids."""
+        seen = self.last_seen
+        gone = [sid for sid, at in seen.items() if at < horizon]
+        for sid in gone:
+            del seen[sid]
+        return gone
+
+
 class ShardQueue:
     """Readings accepted for one shard and not yet published.
 
@@ -152,9 +228,15 @@ class ShardQueue:
 class Ingestor:
     """Routes readings to shards by sensor and admits requests whole."""
 
-    def __init__(self, queues: list[ShardQueue], recent: RecentIds) -> None:
+    def __init__(
+        self,
+        queues: list[ShardQueue],
+        recent: RecentIds,
+        registry: SensorRegistry | None = None,
+    ) -> None:
         self.queues = queues
         self.recent = recent
+        self.registry = registry if registry is not None else SensorRegistry(1 << 62)
         self.open = True
 
     def offer(self, readings: list[Reading]) -> tuple[int, int]:
@@ -165,6 +247,8 @@ class Ingestor:
                 nothing of the request was taken.
             TooLarge: a shard's share is larger than its whole queue, so no retry could
                 succeed; nothing of the request was taken.
+            SensorLimitReached: the request brings new sensors beyond ``max_sensors``;
+                nothing of it was taken.
         """
         if not self.open:
             raise Overloaded(retry_after_s=5, reason="the service is shutting down")
@@ -195,6 +279,9 @@ class Ingestor:
                         f"{queue.capacity}; send smaller requests"
                     )
                 raise Overloaded(retry_after_s=1)
+        ids = [r.sensor_id for r in fresh]
+        self.registry.check(ids)
+        self.registry.touch(ids, now)
         for queue, share in zip(self.queues, per_shard, strict=True):
             if share:
                 queue.put(share)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor
 from typing import Any
 
 from app.backends.base import Backend
 from app.config import Settings
 from app.pipeline import shard
 from app.pipeline.batcher import Batcher, BatchObserver
-from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
+from app.pipeline.ingest import Ingestor, RecentIds, SensorRegistry, ShardQueue
 from app.pipeline.publish import Publisher
 from app.pipeline.routing import shard_of
 from app.pipeline.runner import ShardRunner
@@ -46,9 +49,16 @@ class Pipeline:
         self.settings = settings
         self.runners = make_runners(settings)
         self.queues = [ShardQueue(settings.queue_max_readings) for _ in range(settings.workers)]
+        self.registry = SensorRegistry(settings.max_sensors)
         self.ingestor = Ingestor(
-            self.queues, RecentIds(settings.dedup_window_s, settings.dedup_max_ids)
+            self.queues,
+            RecentIds(settings.dedup_window_s, settings.dedup_max_ids),
+            self.registry,
         )
+        self.on_evict: Callable[[list[str]], object] | None = None
+        """Told the ids of evicted sensors, to forget them elsewhere (the hub)."""
+        self.evicted = 0
+        self._sweeper: asyncio.Task[None] | None = None
         self.publisher = Publisher(backend)
         self.batchers = [
             Batcher(
@@ -113,6 +123,8 @@ class Pipeline:
         for batcher in self.batchers:
             batcher.observer = self.observer
             batcher.start()
+        if self.settings.sensor_idle_evict_s > 0:
+            self._sweeper = asyncio.create_task(self._sweep(), name="sensor-sweeper")
         self.started = True
 
     async def stop(self) -> None:
@@ -120,6 +132,10 @@ class Pipeline:
         if not self.started:
             return
         self.ingestor.open = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         drains = [b.drain() for b in self.batchers]
         try:
             await asyncio.wait_for(asyncio.gather(*drains), self.settings.shutdown_timeout_s)
@@ -164,6 +180,46 @@ class Pipeline:
                 log.error("shard %d: saving the models failed: %r", runner.shard, count)
         saved = sum(c for c in counts if isinstance(c, int))
         log.info("saved %d models to %s", saved, self.settings.model_dir)
+
+    async def _sweep(self) -> None:
+        """Evict sensors idle for ``sensor_idle_evict_s``, every quarter of that (at most a
+        minute apart)."""
+        idle_s = self.settings.sensor_idle_evict_s
+        period = min(60.0, max(0.05, idle_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.evict_idle(time.time() - idle_s)
+            except Exception:
+                log.exception("evicting idle sensors failed; trying again later")
+
+    async def evict_idle(self, horizon: float) -> int:
+        """Forget the sensors without a reading since ``horizon`` (epoch seconds): here, in
+        the hub (``on_evict``) and in their workers, which save each model to the model
+        dir first when one is set. Returns how many sensors were evicted.
+
+        Taken from the registry in one synchronous step, so a reading admitted after it is
+        queued behind the eviction on its shard and finds (or resumes) its model afresh.
+        """
+        gone = self.registry.idle(horizon)
+        if not gone:
+            return 0
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for sid in gone:
+            by_shard[shard_of(sid, len(self.runners))].append(sid)
+        futures = [
+            self.runners[index].call(shard.evict_sensors, ids, mutates=True)
+            for index, ids in by_shard.items()
+        ]
+        if self.on_evict is not None:
+            self.on_evict(gone)
+        self.evicted += len(gone)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, BrokenExecutor):
+                log.error("evicting sensors in a worker failed: %r", result)
+        log.info("evicted %d sensors idle since %s", len(gone), time.ctime(horizon))
+        return len(gone)
 
 
 def _saved_models(model_dir: str) -> list[tuple[str, str]]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from app.backends.redis import RedisBackend, RedisUnavailable, partition_of
 from app.config import Settings
 from app.pipeline.batcher import BatchObserver
-from app.pipeline.ingest import Overloaded
+from app.pipeline.ingest import Overloaded, SensorRegistry
 from app.schemas import Reading, TooLarge
 
 
@@ -25,8 +27,12 @@ class RemoteIngest:
         self.open = True
         self.started = False
         self.observer: BatchObserver | None = None
+        self.on_evict: Callable[[list[str]], object] | None = None
         self.stage = None
         self.last_seq = 0
+        self.registry = SensorRegistry(settings.max_sensors)
+        """Sensors this replica admitted readings of: it bounds them alone (each replica
+        and the workers keep their own state)."""
 
     async def start(self) -> None:
         self.started = True
@@ -40,9 +46,12 @@ class RemoteIngest:
         Raises:
             TooLarge: one partition's share is larger than its whole queue (413).
             Overloaded: shutting down, a partition is full, or Redis did not answer in time.
+            SensorLimitReached: new sensors beyond ``max_sensors`` (507).
         """
         if not self.open:
             raise Overloaded(retry_after_s=5)
+        ids = [r.sensor_id for r in readings]
+        self.registry.check(ids)
         if len(readings) > self.settings.queue_max_readings:
             largest = max(
                 Counter(
@@ -65,6 +74,7 @@ class RemoteIngest:
             raise Overloaded(retry_after_s=2, reason="the backend is unavailable") from None
         if outcome is None:
             raise Overloaded(retry_after_s=1)
+        self.registry.touch(ids, time.time())
         return outcome
 
     async def checks(self) -> dict[str, bool]:

@@ -99,8 +99,12 @@ def warm() -> int:
     return os.getpid()
 
 
-def _model_for(sensor_id: str, channels: tuple[str, ...]) -> SensorModel:
+def _model_for(sensor_id: str, channels: tuple[str, ...], resume: bool = False) -> SensorModel:
     model = _models.get(sensor_id)
+    if model is None and resume and _model_dir is not None:
+        # A sensor seen for the first time by this process, or again after its eviction:
+        # it carries on from its saved model, if it has one.
+        model = _load_one(os.path.join(_model_dir, sensor_id + MODEL_SUFFIX), missing_ok=True)
     if model is not None and model.channels == channels:
         return model
     assert _model_class is not None, "init_process was not called"
@@ -229,7 +233,7 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     for sensor_id, indices in by_sensor.items():
         for run in _runs(readings, indices):
             channels = readings[run[0]].channels
-            model = _model_for(sensor_id, channels)
+            model = _model_for(sensor_id, channels, resume=not replay)
             ts = np.array([readings[i].ts for i in run], dtype=np.float64)
             if channels == model.channels:
                 values = np.array([readings[i].values for i in run], dtype=np.float64)
@@ -434,16 +438,41 @@ def load_states(paths: list[str]) -> int:
     A file made by another model class or format, or that does not load, is skipped with a
     warning: that sensor starts warming up again.
     """
-    loaded = 0
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                record = pickle.load(f)
-            if record.get("format") != _FORMAT or record.get("model") != _model_path:
-                log.warning("%s was saved by another model or format; ignored", path)
-                continue
-            _restore(record["sensor_id"], record)
-            loaded += 1
-        except Exception:
-            log.exception("cannot load the model in %s; that sensor warms up again", path)
-    return loaded
+    return sum(_load_one(path) is not None for path in paths)
+
+
+def _load_one(path: str, missing_ok: bool = False) -> SensorModel | None:
+    try:
+        with open(path, "rb") as f:
+            record = pickle.load(f)
+    except FileNotFoundError:
+        if not missing_ok:
+            log.warning("%s is gone; that sensor warms up again", path)
+        return None
+    except Exception:
+        log.exception("cannot load the model in %s; that sensor warms up again", path)
+        return None
+    try:
+        if record.get("format") != _FORMAT or record.get("model") != _model_path:
+            log.warning("%s was saved by another model or format; ignored", path)
+            return None
+        _restore(record["sensor_id"], record)
+    except Exception:
+        log.exception("cannot load the model in %s; that sensor warms up again", path)
+        return None
+    return _models[record["sensor_id"]]
+
+
+def evict_sensors(sensor_ids: list[str]) -> int:
+    """Forget idle sensors' models, each saved to the model directory first when one is set
+    (so a returning sensor resumes from it); returns how many this process had."""
+    evicted = 0
+    for sid in sensor_ids:
+        model = _models.pop(sid, None)
+        if model is None:
+            continue
+        if _model_dir is not None:
+            _save_one(sid, model)
+        _trackers.pop(sid, None)
+        evicted += 1
+    return evicted
