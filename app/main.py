@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stop_pipeline = embedded.stop
                 for batcher in embedded.batchers:
                     batcher.observer = metrics.observe_batch
+                embedded.on_fits = metrics.observe_fits
                 metrics.bind(embedded, hub, loop_lag)
             stack.callback(metrics.bind, None, None, None)
 
@@ -100,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # What start-up made lives as long as the process: keep it out of every full
             # collection, whose pauses stall the event loop.
             gc.freeze()
+            # Start-up stalls the loop by design; it is not lag anyone should be paged for.
+            loop_lag.reset()
             log.info(
                 "sensorcast %s ready: backend %s, %d workers, model %s",
                 __version__, backend.url, settings.workers, settings.model,
@@ -126,7 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
-    app.add_middleware(RequestIdMiddleware, access=settings.access_log)
+    app.add_middleware(
+        RequestIdMiddleware, access=settings.access_log, observe=metrics.requests.observe
+    )
     return app
 
 

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from app.api.auth import Scope, websocket_denial
 from app.api.deps import WsHubDep
+from app.metrics import Metrics
 from app.pipeline.hub import PredictionHub, SensorFilter, Subscriber
 from app.pipeline.publish import Message
 from app.schemas import SENSOR_ID_PATTERN
@@ -143,12 +144,21 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
     if hub.closing:
         await _deny(websocket, 503, "server shutting down")
         return
+    metrics: Metrics = websocket.app.state.metrics
     await websocket.accept()
-    await Connection(websocket, hub, query).run()
+    metrics.ws_accepted += 1
+    metrics.ws_open += 1
+    try:
+        await Connection(websocket, hub, query).run()
+    finally:
+        metrics.ws_open -= 1
 
 
 async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
-    """Refuse the handshake with an HTTP response where the server supports it."""
+    """Refuse the handshake with an HTTP response where the server supports it (counted
+    in the app's metrics by reason)."""
+    metrics: Metrics = websocket.app.state.metrics
+    metrics.count_ws_refusal(status)
     try:
         await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
     except RuntimeError:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from app.backends.base import Backend
@@ -58,6 +60,8 @@ class Pipeline:
             for shard, queue in enumerate(self.queues)
         ]
         self.started = False
+        self.on_fits: Callable[[list[float], int], None] | None = None
+        """Told of each finished refit: ``([duration_s], 0)``, or ``([], 1)`` for a failure."""
 
     @property
     def ready(self) -> bool:
@@ -145,7 +149,17 @@ class Pipeline:
 
     def _train(self, job: TrainingJob) -> None:
         batcher = self.batchers[job.shard]
-        self.pool.train(job, lambda fitted: batcher.install(job.sensor_id, fitted))
+        started = time.perf_counter()
+
+        def deliver(fitted: Any) -> None:
+            if self.on_fits is not None:
+                if fitted is None:
+                    self.on_fits([], 1)
+                else:
+                    self.on_fits([time.perf_counter() - started], 0)
+            batcher.install(job.sensor_id, fitted)
+
+        self.pool.train(job, deliver)
 
 
 def _saved_models(model_dir: str) -> list[tuple[str, str]]:

@@ -23,6 +23,8 @@ class RemoteIngest:
         self.backend = backend
         self.open = True
         self.started = False
+        self.workers_live = 0
+        """Workers heartbeating within the lease at the last :meth:`checks`."""
 
     async def start(self) -> None:
         self.started = True
@@ -64,7 +66,7 @@ class RemoteIngest:
         return outcome
 
     async def checks(self) -> dict[str, bool]:
-        workers = await self.backend.live_workers(self.settings.lease_ttl_s)
+        workers = self.workers_live = await self.backend.live_workers(self.settings.lease_ttl_s)
         return {"accepting": self.open, "workers": workers > 0}
 
     def describe(self) -> dict[str, Any]:
