@@ -20,6 +20,7 @@ from app import __version__
 from app.api import (
     dashboard,
     debug,
+    docs,
     errors,
     health,
     metrics as metrics_api,
@@ -114,6 +115,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Live predictions on sensor streams.",
         lifespan=lifespan,
+        # Served by app.api.docs from bundled assets: FastAPI's own pages need the internet.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.drain = _nothing_to_drain
     app.state.guard = guard
@@ -127,8 +131,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="static-docs")
     app.add_middleware(
         RequestIdMiddleware, access=settings.access_log, observe=metrics.requests.observe
     )
