@@ -145,12 +145,14 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
 
 
 _NAME_CHARS = "letters, digits, '_', '.', ':' or '-'"
-SENSOR_ID_RULE = f"1 to 128 characters of {_NAME_CHARS}"
+SENSOR_ID_RULE = "1 to {} characters of " + _NAME_CHARS
 CHANNEL_RULE = f"a channel name is 1 to 64 characters of {_NAME_CHARS}"
 _CHANNEL_OK = re.compile(CHANNEL_PATTERN)
 
 
-def _in_words(raw: dict[str, Any], field: str, reason: str) -> tuple[str, str]:
+def _in_words(
+    raw: dict[str, Any], field: str, reason: str, max_id_chars: int = 128
+) -> tuple[str, str]:
     """Restate msgspec's error on an item as the contract names it: a channel as
     ``values.<name>`` and a pattern as the rule in words, not a regex.
 
@@ -171,7 +173,7 @@ def _in_words(raw: dict[str, Any], field: str, reason: str) -> tuple[str, str]:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 return f"values.{name}", f"must be a number, not {_json_kind(value)}"
     if field == "sensor_id" and "regex" in reason:
-        return field, SENSOR_ID_RULE
+        return field, SENSOR_ID_RULE.format(max_id_chars)
     return field, reason
 
 
@@ -219,7 +221,7 @@ def _slow_path(items: list[Any], now: float, limits: Limits) -> list[Reading]:
         try:
             item = msgspec.convert(raw, ReadingIn, strict=True)
         except msgspec.ValidationError as exc:
-            field, reason = _in_words(raw, *_field_of(exc))
+            field, reason = _in_words(raw, *_field_of(exc), limits.max_sensor_id_chars)
             errors.append(ItemError(index, field, reason))
             continue
         result = _normalise(index, item, now, limits)
