@@ -18,11 +18,3 @@ class Poisoned(RollingZScore):
         if (values == POISON).any():
             os.kill(os.getpid(), signal.SIGKILL)
         return super().observe(ts, values)
-
-
-class FailingFit(RollingZScore):
-    """Every refit raises: the sensor keeps its model, and the failure is counted."""
-
-    @staticmethod
-    def fit(job: object) -> object:
-        raise RuntimeError("this model never fits")

@@ -55,9 +55,8 @@ RULES = DEPLOY / "prometheus" / "rules" / "sensorcast.rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "tests" / "sensorcast.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sensorcast.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
-PENDING_METRICS = {"sensorcast_alarms_active"}
-"""Metrics the rules and the dashboard use before the service exports them: the alarm stage
-will export the count of active alarms under this name."""
+PENDING_METRICS: set[str] = set()
+"""Metrics the rules and the dashboard may use before the service exports them (none now)."""
 
 
 def compose() -> dict[str, Any]:
