@@ -380,6 +380,8 @@ class Topology:
             mapped["SENSORCAST_HOST"] = "127.0.0.1"  # loopback only, even in tests
         if port is not None:
             mapped["SENSORCAST_PORT"] = str(port)
+        if "SENSORCAST_METRICS_PORT" in mapped:
+            mapped["SENSORCAST_METRICS_PORT"] = str(free_port())  # one per local worker
         # Two cores shared with other tests: one model process per worker is plenty here.
         mapped.setdefault("SENSORCAST_WORKERS", "1")
         mapped.setdefault("SENSORCAST_LOG_LEVEL", "info")
@@ -690,10 +692,16 @@ def test_monitoring_profile_mounts_what_it_loads() -> None:
         for sd in job["dns_sd_configs"]
         for name in sd["names"]
     }
-    assert scraped == {"api", "standalone"} and scraped <= set(svcs)
-    assert all(
-        sd["port"] == 8000 for job in config["scrape_configs"] for sd in job["dns_sd_configs"]
-    )
+    assert scraped == {"api", "standalone", "worker"} and scraped <= set(svcs)
+    ports = {
+        name: sd["port"]
+        for job in config["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+        for name in sd["names"]
+    }
+    assert ports["api"] == ports["standalone"] == 8000
+    worker_env = services()["worker"]["environment"]
+    assert ports["worker"] == int(worker_env["SENSORCAST_METRICS_PORT"])
     graf = mounts["grafana"]
     provider = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "sensorcast.yml").read_text())
     folder = provider["providers"][0]["options"]["path"]
