@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.backends import TOPOLOGIES, topology_of
 from app.config import Settings, describe_error
 from app.logs import configure_logging
 from app.models.base import ModelPathError
@@ -152,10 +153,10 @@ class GracefulServer:
 
 def worker(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args, ("backend", "workers", "log_level"))
+        settings = _settings(args, ("backend", "workers", "log_level", "metrics_port", "host"))
     except ValidationError as exc:
         return _fail(describe_error(exc))
-    if not settings.backend.startswith("redis"):
+    if topology_of(settings.backend).ingest == TOPOLOGIES["memory"].ingest:
         return _fail(
             "SENSORCAST_BACKEND: the worker role needs a shared backend (redis://...); "
             "with memory:// the serve command runs the workers itself"
@@ -265,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("worker", help="run the compute role on a shared Redis backend")
     p.add_argument("--backend")
     p.add_argument("--workers", type=int)
+    p.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        help="serve GET /metrics and /healthz on this port (on --host)",
+    )
+    p.add_argument("--host", help="the address the metrics port binds (default 127.0.0.1)")
     p.add_argument("--log-level", dest="log_level")
     p.set_defaults(func=worker)
 

@@ -128,6 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="static-docs")
+    # The ingest route is served ahead of routing (see app/api/readings.py); request ids,
+    # the access log and request metrics wrap everything.
+    app.add_middleware(readings.IngestEndpoint)
     app.add_middleware(
         RequestIdMiddleware, access=settings.access_log, observe=metrics.requests.observe
     )

@@ -6,8 +6,9 @@ their own gain, offset and noise, so the channels are correlated. Readings are s
 ``interval_s`` apart in *simulated* time with ±20 % jitter, so a day passes in 288 readings at
 the default five minutes, and ``ts`` is irregular.
 
-Anomalies start at random (``anomaly_rate`` per reading, one at a time per sensor) on one
-channel, and each is labelled with its kind and the readings it covers:
+Anomalies start at random (``anomaly_rate`` per reading, one at a time per sensor, at least
+``quiet_readings`` apart) on one channel, a sustained fault on several, and each is labelled
+with its kind and the readings it covers:
 
 ========== ===================================================== ===============
 kind       effect                                                readings
@@ -17,7 +18,13 @@ level      the level shifts by 6-10 σ, then comes back           20-60
 drift      a ramp up to 8-12 σ, then back                        60-120
 stuck      the value freezes at its last reading                 20-60
 noise      the noise grows 3-5 fold                              10-30
+sustained  2 channels or more (the one of a single-channel       60-600
+           sensor) shift together by 4-8 σ each, for minutes
+           at 1 Hz, then come back
 ========== ===================================================== ===============
+
+The kinds are equally likely; ``kinds`` narrows them (say, to sustained faults alone). A seed
+gives the same events as before ``sustained`` was added, up to the first one drawn sustained.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import numpy as np
 
 from app.models.base import FloatArray
 
-KINDS = ("spike", "level", "drift", "stuck", "noise")
+KINDS = ("spike", "level", "drift", "stuck", "noise", "sustained")
 DAY_S = 86_400.0
 CHANNEL_NAMES = ("temperature", "pressure", "flow", "vibration")
 
@@ -51,7 +58,16 @@ class Event:
     start: int
     end: int
     channel: int
+    """The channel it affects (a sustained fault: the first of ``channels``)."""
     magnitude: float
+    """Its size on ``channel``, in the values' units (a stuck event: the value held)."""
+    channels: tuple[int, ...] = ()
+    """Every channel it affects: ``(channel,)`` but for a sustained fault, which shifts each
+    of its channels by the same multiple of that channel's noise σ."""
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            self.channels = (self.channel,)
 
 
 @dataclass
@@ -73,9 +89,20 @@ class SensorSim:
     start_ts: float = 1_780_000_000.0
     profile: str = "seasonal"
     """``seasonal`` (daily cycle and noise) or ``wander`` (also a trend and a random walk)."""
+    kinds: tuple[str, ...] = KINDS
+    """The kinds of anomaly drawn, equally likely."""
+    quiet_readings: int = 0
+    """Readings after an anomaly ends before the next may start."""
     events: list[Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(
+                f"unknown anomaly kinds {unknown}: choose among {', '.join(KINDS)}"
+                if unknown
+                else "kinds is empty: choose among " + ", ".join(KINDS)
+            )
         rng = self._rng = np.random.default_rng(self.seed)
         c = self.channels
         self.names: tuple[str, ...] = (
@@ -97,6 +124,7 @@ class SensorSim:
         self._n = 0
         self._last = np.zeros(c)
         self._active: Event | None = None
+        self._quiet_until = 0
 
     def take(self, k: int) -> tuple[FloatArray, FloatArray, list[str]]:
         """The next ``k`` readings: ``ts`` (k,), values (k, channels), and each one's label."""
@@ -124,7 +152,7 @@ class SensorSim:
             event = self._active
             if event is not None and n >= event.end:
                 event = self._active = None
-            if event is None and starts[i] and n > 0:
+            if event is None and starts[i] and n > 0 and n >= self._quiet_until:
                 event = self._active = self._new_event(n)
             if event is not None:
                 self._apply(event, n, values[i])
@@ -133,9 +161,23 @@ class SensorSim:
         self._n += k
         return ts, values, labels
 
+    def _draw_kind(self) -> str:
+        rng = self._rng
+        if self.kinds != KINDS:
+            return self.kinds[int(rng.integers(len(self.kinds)))]
+        # Each earlier kind gives a sixth of its draws to the last one added: a draw over
+        # 5 × 6 values whose quotient by 6 is the draw over 5 the same seed made before
+        # (numpy's bounded integers: floor(u·30) // 6 == floor(u·5)), so an event that is not
+        # drawn sustained keeps its kind.
+        earlier, n = len(KINDS) - 1, len(KINDS)
+        j = int(rng.integers(earlier * n))
+        return KINDS[-1] if j % n == n - 1 else KINDS[j // n]
+
     def _new_event(self, n: int) -> Event:
         rng = self._rng
-        kind = KINDS[int(rng.integers(len(KINDS)))]
+        kind = self._draw_kind()
+        if kind == "sustained":
+            return self._new_sustained(n)
         channel = int(rng.integers(self.channels))
         sign = 1.0 if rng.random() < 0.5 else -1.0
         sigma = float(self.noise[channel])
@@ -149,7 +191,27 @@ class SensorSim:
         event = Event(self.sensor_id, kind, n, n + length, channel, float(magnitude))
         if kind == "stuck":
             event.magnitude = float(self._last[channel])
+        return self._started(event)
+
+    def _new_sustained(self, n: int) -> Event:
+        """Two channels or more (all of them, at random), or the one of a single-channel
+        sensor, shifted by the same 4-8 σ of each channel's noise, in the same direction."""
+        rng = self._rng
+        c = self.channels
+        count = 1 if c == 1 else int(rng.integers(2, c + 1))
+        chosen = tuple(sorted(int(i) for i in rng.choice(c, count, replace=False)))
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        sigmas = rng.uniform(4, 8) * sign
+        length = int(rng.integers(60, 601))
+        channel = chosen[0]
+        magnitude = float(sigmas * self.noise[channel])
+        return self._started(
+            Event(self.sensor_id, "sustained", n, n + length, channel, magnitude, chosen)
+        )
+
+    def _started(self, event: Event) -> Event:
         self.events.append(event)
+        self._quiet_until = event.end + self.quiet_readings
         return event
 
     def _apply(self, event: Event, n: int, row: FloatArray) -> None:
@@ -160,6 +222,10 @@ class SensorSim:
             row[ch] += event.magnitude * (n - event.start + 1) / (event.end - event.start)
         elif event.kind == "stuck":
             row[ch] = event.magnitude
+        elif event.kind == "sustained":
+            sigmas = event.magnitude / self.noise[ch]
+            for o in event.channels:
+                row[o] += sigmas * self.noise[o]
         else:
             row[ch] += self._rng.normal(0.0, event.magnitude)
 

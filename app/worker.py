@@ -64,6 +64,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Save a partition's checkpoint and trim its stream, fenced by the lease: a worker that lost
+# the partition without knowing it yet must not overwrite its successor's checkpoint.
+# KEYS: lease, ckpt, stream; ARGV: owner, last id, states.
+_CHECKPOINT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'states', ARGV[3])
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
+return 1
+"""
+
 Entry = tuple[bytes, dict[bytes, bytes]]
 ENTRIES_PER_READ = 64
 """Stream entries read at once (one entry holds one request's readings for a partition)."""
@@ -95,9 +105,14 @@ class Worker:
         self.lease_ms = int(settings.lease_ttl_s * 1000)
         self.runners = make_runners(settings)
         self.owned: dict[int, asyncio.Task[None]] = {}
+        self.tokens: dict[int, str] = {}
+        """Each owned partition's lease value: this worker's id and a token of this ownership,
+        so that a task of an earlier ownership (cancelled, not yet finished) is fenced off
+        like another worker would be."""
         self._releasing: set[int] = set()
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._save = self.redis.register_script(_CHECKPOINT)
         self.observer: BatchObserver | None = None
         self.processed = 0
         self.published = 0
@@ -145,30 +160,36 @@ class Worker:
             if task.done():
                 self.owned.pop(p)
                 continue
+            if task.cancelling():
+                continue  # lost: not taken again until its task has finished
             renewed = await self._renew(
-                keys=[self.key(f"lease:{p}")], args=[self.id, self.lease_ms]
+                keys=[self.key(f"lease:{p}")], args=[self.tokens[p], self.lease_ms]
             )
             if not renewed:
                 log.warning("worker %s: lost the lease of partition %d", self.id, p)
                 task.cancel()
-                self.owned.pop(p)
-        active = [p for p in self.owned if p not in self._releasing]
+        active = [
+            p for p, t in self.owned.items() if p not in self._releasing and not t.cancelling()
+        ]
         if len(active) > share:
             for p in active[share:]:
                 self._releasing.add(p)
         elif len(active) < share:
             offset = int.from_bytes(self.id.encode()[-2:], "big")
             for i in range(self.partitions):
-                if len(self.owned) - len(self._releasing) >= share:
+                if len(active) >= share:
                     break
                 p = (offset + i) % self.partitions
                 if p in self.owned:
                     continue
+                token = f"{self.id}/{secrets.token_hex(4)}"
                 taken = await self.redis.set(
-                    self.key(f"lease:{p}"), self.id, nx=True, px=self.lease_ms
+                    self.key(f"lease:{p}"), token, nx=True, px=self.lease_ms
                 )
                 if taken:
+                    self.tokens[p] = token
                     self.owned[p] = asyncio.create_task(self._serve(p), name=f"partition-{p}")
+                    active.append(p)
 
     async def _release_all(self) -> None:
         self._releasing.update(self.owned)
@@ -186,7 +207,8 @@ class Worker:
         runner = self.runners[p % len(self.runners)]
         stream = self.key(f"readings:{p}")
         log.info("worker %s: took partition %d", self.id, p)
-        serving = _Partition(self, p, runner)
+        token = self.tokens[p]
+        serving = _Partition(self, p, runner, token)
         try:
             await self._ensure_group(stream)
             await self._restore(p, runner)
@@ -229,8 +251,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await runner.call(shard.drop_partition, p, self.partitions, mutates=True)
             with contextlib.suppress(RedisError, OSError):
-                await self._release(keys=[self.key(f"lease:{p}")], args=[self.id])
-            self.owned.pop(p, None)
+                await self._release(keys=[self.key(f"lease:{p}")], args=[token])
 
     async def _read(self, stream: str, block_ms: int | None) -> list[Entry]:
         reply = await self.redis.xreadgroup(
@@ -283,8 +304,9 @@ class Worker:
 class _Partition:
     """The batches of one owned partition: submitted in order, published-and-acked in order."""
 
-    def __init__(self, worker: Worker, p: int, runner: ShardRunner) -> None:
+    def __init__(self, worker: Worker, p: int, runner: ShardRunner, token: str) -> None:
         self.worker = worker
+        self.token = token
         self.p = p
         self.runner = runner
         settings = worker.settings
@@ -341,7 +363,7 @@ class _Partition:
         outcome = done.outcome
         worker = self.worker
         first = await worker.backend.publish_and_ack(
-            outcome.payload, outcome.messages, self.p, worker.id, len(batch.readings), batch.ids
+            outcome.payload, outcome.messages, self.p, self.token, len(batch.readings), batch.ids
         )
         if first < 0:
             raise LeaseLost
@@ -362,10 +384,9 @@ class _Partition:
             return
         worker, p = self.worker, self.p
         states = await self.runner.call(shard.export_states, p, worker.partitions)
-        async with worker.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(worker.key(f"ckpt:{p}"), mapping={"id": self.last_acked, "states": states})
-            pipe.xtrim(worker.key(f"readings:{p}"), minid=self.last_acked, approximate=False)
-            await pipe.execute()
+        keys = [worker.key(f"lease:{p}"), worker.key(f"ckpt:{p}"), worker.key(f"readings:{p}")]
+        if not await worker._save(keys=keys, args=[self.token, self.last_acked, states]):
+            raise LeaseLost
         self.cadence.reset()
 
 
@@ -391,7 +412,11 @@ async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
 
     app = Starlette(routes=[Route("/metrics", scrape), Route("/healthz", healthz)])
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
-    await _Server(config).serve()
+    try:
+        await _Server(config).serve()
+    except SystemExit:  # uvicorn's word for a port it could not bind (logged above)
+        log.error("SENSORCAST_METRICS_PORT: cannot serve metrics on %s:%d", host, port)
+        raise
 
 
 async def run_worker(settings: Settings) -> int:

@@ -381,7 +381,8 @@ class Topology:
         if port is not None:
             mapped["SENSORCAST_PORT"] = str(port)
         if "SENSORCAST_METRICS_PORT" in mapped:
-            mapped["SENSORCAST_METRICS_PORT"] = str(free_port())  # one per local worker
+            # One network namespace here, not one per container: a port each.
+            mapped["SENSORCAST_METRICS_PORT"] = str(free_port())
         # Two cores shared with other tests: one model process per worker is plenty here.
         mapped.setdefault("SENSORCAST_WORKERS", "1")
         mapped.setdefault("SENSORCAST_LOG_LEVEL", "info")

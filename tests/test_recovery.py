@@ -34,8 +34,11 @@ from tests.models import POISON
 class Load:
     """Posts batches of uniquely numbered readings until stopped; remembers what was accepted."""
 
-    def __init__(self, client: httpx.AsyncClient, sensors: int = 40, batch: int = 200) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, sensors: int = 40, batch: int = 200, prefix: str = "s"
+    ) -> None:
         self.client = client
+        self.prefix = prefix
         self.sensors = sensors
         self.batch = batch
         self.accepted: list[int] = []
@@ -52,7 +55,11 @@ class Load:
             ids = list(range(self._next, self._next + self.batch))
             self._next += self.batch
             body = [
-                {"sensor_id": f"s{i % self.sensors}", "value": float(i % 7), "id": str(i)}
+                {
+                    "sensor_id": f"{self.prefix}{i % self.sensors}",
+                    "value": float(i % 7),
+                    "id": str(i),
+                }
                 for i in ids
             ]
             try:
@@ -78,6 +85,8 @@ class Receiver:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.predictions: list[dict[str, Any]] = []
+        self.lagged = 0
+        """Messages the server dropped for this subscriber (it fell behind)."""
         self.close_code: int | None = None
         self._arrived = asyncio.Event()
 
@@ -87,6 +96,7 @@ class Receiver:
                 message = json.loads(raw)
                 items = message["items"] if message["type"] == "predictions" else [message]
                 self.predictions.extend(m for m in items if m["type"] == "prediction")
+                self.lagged += sum(m["dropped"] for m in items if m["type"] == "lagged")
                 self._arrived.set()
         except ConnectionClosed:
             pass

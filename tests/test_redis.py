@@ -17,6 +17,7 @@ from tests.conftest import (
     Server,
     collect,
     connect,
+    free_port,
     receive_json,
     start_server,
     start_worker,
@@ -159,3 +160,40 @@ async def test_redis_restart_under_load(topology: Topology, redis_server: RedisS
     assert refused_in < 3.0
     assert load.statuses[503] > 0
     check_exactly_once_in_order(load.accepted, receiver.predictions)
+
+
+async def test_a_worker_serves_its_model_stage_metrics(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """``sensorcast worker --metrics-port``: /metrics carries the same model-stage figures as
+    the embedded service (batches, model time, fits, latency, healthy processes)."""
+    port = free_port()
+    env = {"SENSORCAST_BACKEND": redis_server.url, "SENSORCAST_METRICS_PORT": str(port)}
+    worker = start_worker(tmp_path, {**env, "SENSORCAST_WORKERS": "2"})
+    srv = start_server(tmp_path, {"SENSORCAST_BACKEND": redis_server.url})
+    try:
+        async with (
+            httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+            connect(srv.ws_url) as ws,
+        ):
+            await wait_ready(client)
+            await receive_json(ws)
+            body = [{"sensor_id": f"m{i % 4}", "value": float(i % 5)} for i in range(400)]
+            assert (await client.post("/v1/readings", json=body)).status_code == 202
+            await collect(ws, 400)
+            scrape = await client.get(f"http://127.0.0.1:{port}/metrics")
+            health = await client.get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        srv.stop()
+        stop_process(worker)
+    assert scrape.status_code == 200 and health.status_code == 200
+    figures = {
+        line.split(" ")[0]: float(line.split(" ")[-1])
+        for line in scrape.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert sum(v for k, v in figures.items() if k.startswith("sensorcast_batches_total")) >= 1
+    assert figures["sensorcast_shards_healthy"] == 2
+    assert figures["sensorcast_model_fit_seconds_count"] >= 4  # each sensor's first fit
+    assert figures["sensorcast_e2e_latency_seconds_count"] >= 1
+    assert figures["sensorcast_published_messages_total"] >= 400

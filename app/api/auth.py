@@ -257,14 +257,19 @@ class Guard:
         headers = websocket.headers
         if not self.origins.allows(headers.get("origin"), headers.get("host")):
             return Denial(403, "origin not allowed (see SENSORCAST_ALLOWED_ORIGINS)", {})
-        key = websocket.query_params.get("key") or _header_key(
+        key = websocket.query_params.get("key") or header_key(
             headers.get("authorization"), headers.get("x-api-key")
         )
         # Reconnecting subscribers are not rate limited: their cost is the connection.
         return self.check(key, scope, rate_limited=False)
 
 
-def _header_key(authorization: str | None, api_key: str | None) -> str | None:
+def header_key(authorization: str | bytes | None, api_key: str | bytes | None) -> str | None:
+    """The key of ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, if any."""
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
+    if isinstance(api_key, bytes):
+        api_key = api_key.decode("latin-1")
     if authorization:
         kind, _, credentials = authorization.partition(" ")
         if kind.lower() == "bearer" and credentials.strip():

@@ -43,7 +43,8 @@ Retraining
     within ``ACCEPT_TOLERANCE``.
 
 Alarms
-    An :class:`~app.models.alarms.AlarmTracker` turns the flags into episodes. While an alarm
+    An :class:`~app.models.alarms.AlarmTracker` turns the flags into episodes, from twice the
+    warm-up on (the thresholds of the first fit are rough: its flags stay flags). While an alarm
     is raised the fault is not learnt: readings enter the window marked (the fit leaves them
     out) and refits wait. The detectors soon follow a sustained shift (the forecasts start
     from the latest values), so the alarm is held while the mean of the last ``SMOOTH``
@@ -531,7 +532,11 @@ class RidgeForecaster:
                     self._level_mute -= 1
                 # Counted until a reading fits again, so a lasting shift is learnt, not masked.
                 self._imputed = self._imputed + 1 if flagged else 0
-                event = self._alarm.update(t, score, flagged, explanation, self._away(row))
+                event = (
+                    self._alarm.update(t, score, flagged, explanation, self._away(row))
+                    if self._seen >= 2 * self._warmup
+                    else None
+                )
                 self._take(t, clean, flagged or self._alarm.active)
                 if event is not None:
                     alarms.append((len(scores), event))
