@@ -29,6 +29,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RequestObserver = Callable[[str, str, int, float], None]
+"""Called once per HTTP request with (method, route template, status, duration in s)."""
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 """The id of the request being served, for log records written meanwhile."""
@@ -172,19 +174,32 @@ def _log_access(scope: Scope, status: int, duration_s: float, rid: str) -> None:
     access_log.handle(record)
 
 
+def route_of(scope: Scope) -> str:
+    """The template of the route that served a request (``/v1/sensors/{sensor_id}``), or
+    ``unmatched``: raw paths would make one series per sensor id, or per scanner probe."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) and path else "unmatched"
+
+
 class RequestIdMiddleware:
-    """Request ids and access lines, as a pure ASGI middleware (no per-request objects
-    beyond a closure, so it costs a few microseconds on the ingest path).
+    """Request ids, access lines and request metrics, as a pure ASGI middleware (no
+    per-request objects beyond a closure, so it costs a few microseconds on the ingest path).
 
     Args:
         app: the wrapped ASGI app.
         access: write one ``app.access`` line per HTTP request and per WebSocket connection
             (at INFO: method, path, status, duration in ms, request id).
+        observe: called once per HTTP request (not WebSocket) with its method, route
+            template (see :func:`route_of`), status and duration.
     """
 
-    def __init__(self, app: ASGIApp, *, access: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, *, access: bool = True, observe: RequestObserver | None = None
+    ) -> None:
         self.app = app
         self.access = access
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -224,6 +239,9 @@ class RequestIdMiddleware:
             status = status or 500
             raise
         finally:
+            elapsed = time.perf_counter() - started
+            if self.observe is not None and kind == "http":
+                self.observe(scope["method"], route_of(scope), status, elapsed)
             if self.access and access_log.isEnabledFor(logging.INFO):
-                _log_access(scope, status, time.perf_counter() - started, rid)
+                _log_access(scope, status, elapsed, rid)
             request_id.reset(token)

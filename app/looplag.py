@@ -69,6 +69,12 @@ class LoopLagMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def reset(self) -> None:
+        """Forget the samples taken so far. The service calls it once ready: start-up (the
+        pool's warm-up, imports, loading models) stalls the loop by design, and left in the
+        window it would read as lag for a minute after every start."""
+        self._samples.clear()
+
     async def __aenter__(self) -> LoopLagMonitor:
         self.start()
         return self

@@ -22,6 +22,7 @@ from app.api import (
     alarms,
     dashboard,
     debug,
+    docs,
     errors,
     health,
     metrics as metrics_api,
@@ -103,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # What start-up made lives as long as the process: keep it out of every full
             # collection, whose pauses stall the event loop.
             gc.freeze()
+            # Start-up stalls the loop by design; it is not lag anyone should be paged for.
+            loop_lag.reset()
             log.info(
                 "sensorcast %s ready: backend %s, %d workers, model %s",
                 __version__, backend.url, settings.workers, settings.model,
@@ -114,6 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Live predictions on sensor streams.",
         lifespan=lifespan,
+        # Served by app.api.docs from bundled assets: FastAPI's own pages need the internet.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.drain = _nothing_to_drain
     app.state.guard = guard
@@ -133,13 +139,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     app.include_router(debug.router, dependencies=[require(Scope.admin)])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="static-docs")
     # The ingest route is served ahead of routing (see app/api/readings.py), behind the
-    # trusted-host check; request ids and the access log wrap everything.
+    # trusted-host check; request ids, the access log and request metrics wrap everything.
     app.add_middleware(readings.IngestEndpoint)
     app.add_middleware(TrustedHostMiddleware, policy=hosts, refusals=edge.refusals)
-    app.add_middleware(RequestIdMiddleware, access=settings.access_log)
+    app.add_middleware(
+        RequestIdMiddleware, access=settings.access_log, observe=metrics.requests.observe
+    )
     return app
 
 

@@ -18,21 +18,39 @@ process do not share state.
 
 from __future__ import annotations
 
+import platform
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection
+
+from app import __version__
 
 if TYPE_CHECKING:
     from app.edge import RefusalLog
     from app.pipeline.hub import PredictionHub
     from app.pipeline.runner import Done, ShardRunner
     from app.schemas import Reading
+
+# A ``*_created`` series per counter and histogram is noise to a Prometheus user (rate()
+# does not need it) and costs a series each: off for the whole process.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 NAMESPACE = "sensorcast"
 
@@ -54,6 +72,16 @@ a full queue, a backend that does not answer, a service shutting down."""
 REFUSAL_BY_STATUS = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
 """The reason counted for a request refused for its key."""
 
+WS_REFUSAL_REASONS = {
+    400: "bad_query",
+    401: "unauthorized",
+    403: "forbidden",
+    429: "rate_limited",
+    503: "shutting_down",
+}
+"""Why a WebSocket handshake was refused, by the status of its denial. Exported from the
+start (at 0)."""
+
 
 def count_refusal(request: HTTPConnection, reason: str) -> None:
     """Count a refused ``POST /v1/readings`` in its app's metrics; ``reason`` is a key of
@@ -65,6 +93,9 @@ def count_refusal(request: HTTPConnection, reason: str) -> None:
 _LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _POOL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_REQUEST_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 _RECENT_LATENCIES = 4096
 LAG_WINDOW_S = 60.0
 """Event-loop lag quantiles cover this many recent seconds."""
@@ -118,6 +149,45 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
+class RequestStats:
+    """Count and duration of HTTP requests by method, route template and status.
+
+    Kept as plain lists of bucket counts and turned into a histogram at scrape time: an
+    observation is a dict lookup, a bisect and two additions (about a microsecond), where a
+    labelled ``Histogram`` would take a lock and a label lookup per request.
+
+    Examples:
+        >>> stats = RequestStats((0.1, 1.0))
+        >>> stats.observe("GET", "/x", 200, 0.05); stats.observe("GET", "/x", 200, 0.5)
+        >>> stats.observe("GET", "/x", 200, 0.1); stats.observe("GET", "/x", 200, 9.0)
+        >>> stats.cumulative(("GET", "/x", 200))
+        ([('0.1', 2.0), ('1.0', 3.0), ('+Inf', 4.0)], 9.65)
+    """
+
+    def __init__(self, buckets_s: tuple[float, ...] = _REQUEST_BUCKETS_S) -> None:
+        self.bounds = buckets_s
+        self.series: dict[tuple[str, str, int], list[float]] = {}
+        """Per (method, route, status): a count per bucket (the last is +Inf), then the sum."""
+
+    def observe(self, method: str, route: str, status: int, duration_s: float) -> None:
+        key = (method, route, status)
+        row = self.series.get(key)
+        if row is None:
+            row = self.series[key] = [0.0] * (len(self.bounds) + 2)
+        row[bisect_left(self.bounds, duration_s)] += 1
+        row[-1] += duration_s
+
+    def cumulative(self, key: tuple[str, str, int]) -> tuple[list[tuple[str, float]], float]:
+        """The Prometheus buckets (``le`` and cumulative count) and the sum of one series."""
+        row = self.series[key]
+        buckets: list[tuple[str, float]] = []
+        running = 0.0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), row, strict=False):
+            running += count
+            buckets.append((bound, running))
+        return buckets, round(row[-1], 9)
+
+
 class Metrics:
     """One app's metrics: plain counters bumped by the routes, per-batch histograms, and a
     collector that reads the pipeline and hub at scrape time.
@@ -137,6 +207,16 @@ class Metrics:
         self.fit_failures = 0
         self.alarms_raised = 0
         self.alarms_cleared = 0
+        self.requests = RequestStats()
+        """HTTP requests by method, route template and status (fed by the access middleware)."""
+        self.ws_open = 0
+        """WebSocket subscriptions accepted and not yet closed."""
+        self.ws_accepted = 0
+        self.ws_refused: dict[str, int] = dict.fromkeys(WS_REFUSAL_REASONS.values(), 0)
+        self.ready: bool | None = None
+        """Readiness as ``/readyz`` would answer, refreshed by the ``/metrics`` route."""
+        self.workers_live: int | None = None
+        """Workers heartbeating in Redis (an API replica on Redis only), refreshed likewise."""
         self.model_versions: dict[str, int] = {}
         """Each retrained sensor's current model version (sensors never fitted are absent)."""
         self.recent_latency_s: deque[tuple[float, float]] = deque(maxlen=_RECENT_LATENCIES)
@@ -185,6 +265,11 @@ class Metrics:
         """Count a refused ``POST /v1/readings``; ``reason`` is a key of ``REFUSAL_REASONS``
         (another word is counted too, under its own label)."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_ws_refusal(self, status: int) -> None:
+        """Count a WebSocket handshake refused with this HTTP status."""
+        reason = WS_REFUSAL_REASONS.get(status, str(status))
+        self.ws_refused[reason] = self.ws_refused.get(reason, 0) + 1
 
     def observe_batch(self, readings: list[Reading], done: Done) -> None:
         """Record a batch just published (called by the model stage, once per batch)."""
@@ -289,6 +374,24 @@ class _PipelineCollector(Collector):
             "Model fits that failed (the sensor kept its model).",
             m.fit_failures,
         )
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_build_info",
+            "Always 1; the labels say which sensorcast and Python run.",
+            labels=("version", "python"),
+        )
+        info.add_metric((__version__, platform.python_version()), 1)
+        yield info
+        yield from self._http(m)
+        if m.ready is not None:
+            yield _gauge(
+                "ready", "1 when /readyz would answer 200 (at the last scrape), else 0.", m.ready
+            )
+        if m.workers_live is not None:
+            yield _gauge(
+                "workers_live",
+                "Workers heartbeating in Redis within the lease, as this API replica sees them.",
+                m.workers_live,
+            )
         yield _counter("alarms_raised", "Alarm episodes raised.", m.alarms_raised)
         yield _counter("alarms_cleared", "Alarm episodes cleared.", m.alarms_cleared)
         versions = m.model_versions
@@ -303,17 +406,57 @@ class _PipelineCollector(Collector):
         if m._hub is not None:
             yield from self._hub(m._hub)
         if m._loop_lag is not None:
+            # Gauges over a sliding window, one per figure (as Node.js' prom-client names
+            # nodejs_eventloop_lag_p99_seconds): a "quantile" label belongs to summaries only.
             lag = m._loop_lag.summary(LAG_WINDOW_S)
-            family = GaugeMetricFamily(
-                f"{NAMESPACE}_event_loop_lag_seconds",
-                f"Overshoot of a 1 ms timer on the service's event loop over the last "
-                f"{LAG_WINDOW_S:.0f} s, by quantile (1 is the maximum).",
-                labels=("quantile",),
+            window = f"over the last {LAG_WINDOW_S:.0f} s (samples before readiness excluded)"
+            for figure, value_ms in (("p50", lag.p50_ms), ("p99", lag.p99_ms)):
+                yield _gauge(
+                    f"event_loop_lag_{figure}_seconds",
+                    f"{figure} of the overshoot of a 1 ms timer on the event loop {window}.",
+                    value_ms / 1e3,
+                )
+            yield _gauge(
+                "event_loop_lag_max_seconds",
+                f"Largest overshoot of a 1 ms timer on the event loop {window}.",
+                lag.max_ms / 1e3,
             )
-            family.add_metric(("0.5",), lag.p50_ms / 1e3)
-            family.add_metric(("0.99",), lag.p99_ms / 1e3)
-            family.add_metric(("1",), lag.max_ms / 1e3)
-            yield family
+
+    def _http(self, m: Metrics) -> Iterator[Metric]:
+        labels = ("method", "route", "status")
+        count = CounterMetricFamily(
+            f"{NAMESPACE}_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            labels=labels,
+        )
+        duration = HistogramMetricFamily(
+            f"{NAMESPACE}_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its response, by method, route "
+            "template and status.",
+            labels=labels,
+        )
+        stats = m.requests
+        for key in sorted(stats.series):
+            buckets, total_s = stats.cumulative(key)
+            names = (key[0], key[1], str(key[2]))
+            count.add_metric(names, buckets[-1][1])
+            duration.add_metric(names, buckets, total_s)
+        yield count
+        yield duration
+        yield _gauge(
+            "websocket_connections", "WebSocket subscriptions open now.", m.ws_open
+        )  # fmt: skip
+        yield _counter(
+            "websocket_accepted", "WebSocket subscriptions accepted.", m.ws_accepted
+        )  # fmt: skip
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_websocket_refused",
+            "WebSocket handshakes refused with an HTTP status, by reason.",
+            labels=("reason",),
+        )
+        for reason, n in sorted(m.ws_refused.items()):
+            refused.add_metric((reason,), n)
+        yield refused
 
     def _pipeline(self, p: ModelStage) -> Iterator[Metric]:
         figures = p.queue_figures()
@@ -341,6 +484,13 @@ class _PipelineCollector(Collector):
             yield pending
             yield waiting
             yield capacity
+        dedup_size = getattr(p, "dedup_size", None)
+        if dedup_size is not None:
+            yield _gauge(
+                "dedup_ids",
+                "(sensor_id, id) pairs remembered to acknowledge retries without processing them.",
+                dedup_size(),
+            )
         batches = CounterMetricFamily(
             f"{NAMESPACE}_batches", "Batches sent to model processes, per shard.", labels=("shard",)
         )

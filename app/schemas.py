@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from datetime import datetime
 from typing import Annotated, Any, NamedTuple
@@ -143,6 +144,49 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
     return Reading(item.sensor_id, rid, stamp, channels, values, now)
 
 
+_NAME_CHARS = "letters, digits, '_', '.', ':' or '-'"
+SENSOR_ID_RULE = "1 to {} characters of " + _NAME_CHARS
+CHANNEL_RULE = f"a channel name is 1 to 64 characters of {_NAME_CHARS}"
+_CHANNEL_OK = re.compile(CHANNEL_PATTERN)
+
+
+def _in_words(
+    raw: dict[str, Any], field: str, reason: str, max_id_chars: int = 128
+) -> tuple[str, str]:
+    """Restate msgspec's error on an item as the contract names it: a channel as
+    ``values.<name>`` and a pattern as the rule in words, not a regex.
+
+    Examples:
+        >>> _in_words({"values": {"ok": 1, "bad name": 2}}, "key` in `$.values", "regex")
+        ('values.bad name', "a channel name is 1 to 64 characters of letters, digits, '_', '.', ':' or '-'")
+        >>> _in_words({"values": {"flow": "high"}}, "values[...]", "Expected `float`")
+        ('values.flow', 'must be a number, not a string')
+        >>> _in_words({"sensor_id": "a b"}, "sensor_id", "Expected `str` matching regex ...")
+        ('sensor_id', "1 to 128 characters of letters, digits, '_', '.', ':' or '-'")
+    """  # noqa: E501
+    channels = raw.get("values")
+    if field.startswith(("values[", "key` in `$.values")) and isinstance(channels, dict):
+        for name, value in channels.items():
+            if not _CHANNEL_OK.match(name):
+                shown = name if len(name) <= 80 else name[:77] + "..."
+                return f"values.{shown}", CHANNEL_RULE
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"values.{name}", f"must be a number, not {_json_kind(value)}"
+    if field == "sensor_id" and "regex" in reason:
+        return field, SENSOR_ID_RULE.format(max_id_chars)
+    return field, reason
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def _field_of(error: msgspec.ValidationError) -> tuple[str, str]:
     """Split msgspec's "reason - at `$.field`" message into (field, reason)."""
     message = str(error)
@@ -177,7 +221,7 @@ def _slow_path(items: list[Any], now: float, limits: Limits) -> list[Reading]:
         try:
             item = msgspec.convert(raw, ReadingIn, strict=True)
         except msgspec.ValidationError as exc:
-            field, reason = _field_of(exc)
+            field, reason = _in_words(raw, *_field_of(exc), limits.max_sensor_id_chars)
             errors.append(ItemError(index, field, reason))
             continue
         result = _normalise(index, item, now, limits)

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import csv
 import math
+import secrets
 import sys
 import time
 from collections import Counter
@@ -228,11 +229,17 @@ class SensorSim:
         else:
             row[ch] += self._rng.normal(0.0, event.magnitude)
 
-    def readings(self, ts: FloatArray, values: FloatArray, first: int) -> list[dict[str, Any]]:
-        """Request items for readings made by :meth:`take`, numbered from ``first``."""
+    def readings(
+        self, ts: FloatArray, values: FloatArray, first: int, run_id: str = ""
+    ) -> list[dict[str, Any]]:
+        """Request items for readings made by :meth:`take`, numbered from ``first``; with a
+        ``run_id`` the ids are ``RUN-N``, so another run's readings are not duplicates."""
         out: list[dict[str, Any]] = []
+        prefix = f"{run_id}-" if run_id else ""
         for i, (t, row) in enumerate(zip(ts.tolist(), values.tolist(), strict=True)):
-            item: dict[str, Any] = {"sensor_id": self.sensor_id, "ts": t, "id": str(first + i)}
+            item: dict[str, Any] = {
+                "sensor_id": self.sensor_id, "ts": t, "id": f"{prefix}{first + i}",
+            }  # fmt: skip
             if self.channels == 1:
                 item["value"] = row[0]
             else:
@@ -333,6 +340,7 @@ async def run(args: argparse.Namespace) -> int:
         url += "/v1/readings"
     headers = {"x-api-key": args.key} if args.key else {}
     tally = Tally()
+    run_id = "" if args.no_run_id else (args.run_id or secrets.token_hex(4))
     # Opened before the loop starts; rows are then written a batch at a time.
     csv_file = open(args.csv, "w", newline="") if args.csv else None  # noqa: ASYNC230
     writer = _Csv(csv_file, sensors) if csv_file else None
@@ -353,7 +361,7 @@ async def run(args: argparse.Namespace) -> int:
             labels: list[str] = []
             for sim in group:
                 ts, values, labs = sim.take(per_sensor)
-                items += sim.readings(ts, values, numbers[sim.sensor_id])
+                items += sim.readings(ts, values, numbers[sim.sensor_id], run_id)
                 numbers[sim.sensor_id] += per_sensor
                 labels += labs
             tally.sent += len(items)
@@ -396,7 +404,34 @@ async def run(args: argparse.Namespace) -> int:
         + f" ({sum(tally.labelled.values())} labelled readings)"
         + (f"; labelled CSV in {args.csv}" if args.csv else "")
     )
-    return 0 if tally.failed == 0 else 1
+    if run_id:
+        print(f"reading ids: {run_id}-N (--run-id {run_id} sends the same ids again)")
+    return _verdict(tally, run_id)
+
+
+def _verdict(tally: Tally, run_id: str) -> int:
+    """The exit status: 1 with a line on stderr saying why when a reading failed, or when
+    nothing that was sent was accepted (which would leave a CSV of readings never predicted).
+
+    Examples:
+        >>> _verdict(Tally(sent=10, accepted=10), "ab12"), _verdict(Tally(), "")
+        (0, 0)
+    """
+    if tally.failed:
+        print(f"error: {tally.failed} readings were refused or not delivered", file=sys.stderr)
+        return 1
+    if tally.sent and not tally.accepted:
+        if tally.duplicates == tally.sent:
+            why = (
+                "all were duplicates of readings the service accepted earlier (same sensor_id "
+                "and id); a run id in the ids (the default, without --no-run-id) or another "
+                "--run-id makes them new"
+            )
+        else:
+            why = f"{tally.duplicates} were duplicates, the rest got no answer"
+        print(f"error: none of the {tally.sent} readings sent was accepted: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _progress_line(tally: Tally, elapsed: float, sensors: list[SensorSim]) -> None:
@@ -427,3 +462,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", help="also write every reading with its label to this CSV file")
     p.add_argument("--key", help="API key, where keys are set")
     p.add_argument("--prefix", default="sim", help="sensor ids are PREFIX-0, PREFIX-1, ...")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument(
+        "--run-id",
+        help="reading ids are RUN_ID-0, RUN_ID-1, ... (default: random per run, so a rerun "
+        "within the service's dedup window is not taken for retries)",
+    )
+    ids.add_argument(
+        "--no-run-id", dest="no_run_id", action="store_true",
+        help="reading ids are 0, 1, ...: a rerun with the same seed resends the same readings",
+    )  # fmt: skip

@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, Request, Route, async_playwright, expect
 
 from tests.conftest import ROOT, Server, connect, quiet, receive_json
 
@@ -192,3 +193,115 @@ async def test_dashboard_while_the_simulator_runs(
     assert marked & {sensor for sensor, _ in labelled}
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard-simulate.png"), full_page=True)
+
+
+async def test_pages_load_nothing_from_other_hosts(embedded_server: Server, page: Page) -> None:
+    """/, /docs and /redoc render with every request (scripts, styles, fonts, icons) sent to
+    the service itself: they work on a network without internet. (ReDoc's bundle asks for a
+    Redocly logo on a CDN; the page's Content-Security-Policy keeps the browser from sending
+    that request.)"""
+    server = embedded_server
+    sent_elsewhere: list[str] = []
+    blocked: set[str] = set()
+
+    async def network(route: Route) -> None:
+        # Every request the browser actually sends passes here; one to another host fails.
+        if urlsplit(route.request.url).hostname != "127.0.0.1":
+            sent_elsewhere.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    def failed(request: Request) -> None:
+        if request.failure == "csp":  # refused by the page's policy, never sent
+            blocked.add(request.url)
+
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("requestfailed", failed)
+    await page.route("**/*", network)
+    await page.goto(server.url + "/")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    await page.goto(server.url + "/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("sensorcast")
+    await expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    await page.goto(server.url + "/redoc")
+    await expect(page.locator("h1").first).to_contain_text("sensorcast")
+    await expect(page.get_by_text("Send readings").first).to_be_attached()
+    await page.wait_for_load_state("networkidle")
+    assert sent_elsewhere == []
+    others = {u for u in requested if urlsplit(u).hostname != "127.0.0.1"}
+    others -= {u for u in others if u.startswith(("data:", "blob:"))}
+    assert others <= blocked, others - blocked
+    assert any(url.endswith("/openapi.json") for url in requested)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        icon = await http.get("/favicon.ico")
+        assert icon.status_code == 200 and icon.content[:4] == b"\x00\x00\x01\x00"  # ICO
+        for path in ("/", "/docs", "/redoc"):
+            html = (await http.get(path)).text
+            assert "https://" not in html and "http://" not in html, path
+
+
+async def test_dashboard_asks_for_a_key_and_takes_one(server_factory, page: Page) -> None:
+    """Opened without a key where keys are set, the page says a key is needed (not "no
+    sensors yet") and offers a field; the key typed there brings the live data."""
+    reader = "reader-key-0123456789abcdef"
+    server = server_factory(api_keys=f"{reader}:subscribe+ingest")
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(
+            f"{server.url}/v1/readings",
+            json=readings("locked-1", 0, 3),
+            headers={"X-API-Key": reader},
+        )
+    assert response.status_code == 202
+    await page.goto(server.url + "/")
+    await expect(page.locator("#keyform")).to_be_visible()
+    await expect(page.locator("#key-reason")).to_contain_text("needs an API key")
+    await expect(page.locator("#conn")).to_have_text("key needed")
+    await expect(page.locator("#empty")).to_be_hidden()
+    await page.locator("#key-input").fill(reader)
+    await page.locator("#keyform button").click()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    assert urlsplit(page.url).query == f"key={reader}"
+    await expect(page.locator("#keyform")).to_be_hidden()
+    await expect(page.locator('#sensors tr[data-sensor="locked-1"] td').nth(2)).to_have_text("3")
+
+
+async def test_dashboard_shows_why_the_connection_ended(server_factory, page: Page) -> None:
+    """When the service closes or refuses the WebSocket, the page shows the reason (the
+    close frame's, or what the service answers over HTTP), not a bare close code."""
+    server = server_factory()
+    await page.goto(server.url + "/")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    await page.evaluate(
+        """() => {
+            window.connTexts = [];
+            new MutationObserver(() => connTexts.push($("conn").textContent))
+                .observe($("conn"), {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    assert await asyncio.to_thread(server.stop) == 0
+    await page.wait_for_function(
+        "() => connTexts.some((t) => t.includes('does not answer'))", timeout=20_000
+    )
+    texts = await page.evaluate("() => connTexts")
+    assert any("1001" in t and "server shutting down" in t for t in texts), texts
+
+
+async def test_dashboard_smooths_a_bursty_rate(page: Page, embedded_server: Server) -> None:
+    """The readings/s figure is an exponentially weighted mean: a sender alternating 400/s
+    and 0/s each second reads about 200/s, never 0 or 400."""
+    await page.goto(embedded_server.url + "/")
+    shown = await page.evaluate(
+        """() => {
+            let rate = null; const out = [];
+            for (let i = 0; i < 40; i++) {
+                rate = smoothRate(rate, i % 2 ? 0 : 400, 1.0);
+                out.push(rate);
+            }
+            return out;
+        }"""
+    )
+    settled = shown[20:]
+    assert all(150 < r < 250 for r in settled), settled
+    assert max(settled) - min(settled) < 100

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
@@ -33,12 +34,29 @@ from dockerfile_parse import DockerfileParser
 from app.cli import build_parser
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import ROOT, collect, connect, free_port, quiet, redis_binary, stop_process
+from tests.conftest import (
+    ROOT,
+    collect,
+    connect,
+    free_port,
+    quiet,
+    redis_binary,
+    start_server,
+    stop_process,
+)
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HAPROXY_CFG = ROOT / "docker" / "haproxy.cfg"
 IMAGE = "sensorcast:latest"
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules" / "sensorcast.rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "tests" / "sensorcast.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sensorcast.json"
+GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
+PENDING_METRICS: set[str] = set()
+"""Metrics the rules and the dashboard may use before the service exports them (none now)."""
 
 
 def compose() -> dict[str, Any]:
@@ -103,9 +121,20 @@ def http_paths() -> set[str]:
 
 
 def test_compose_file_is_valid_for_docker_compose() -> None:
-    """Compose v2 itself accepts docker-compose.yml, the standalone profile included."""
+    """Compose v2 itself accepts docker-compose.yml, the standalone and monitoring profiles
+    included."""
     result = subprocess.run(
-        [compose_binary(), "-f", str(COMPOSE_FILE), "--profile", "standalone", "config", "-q"],
+        [
+            compose_binary(),
+            "-f",
+            str(COMPOSE_FILE),
+            "--profile",
+            "standalone",
+            "--profile",
+            "monitoring",
+            "config",
+            "-q",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=30,
@@ -536,6 +565,305 @@ async def test_proxy_carries_posts_and_websockets(proxy: str) -> None:
             received += await quiet(ws, 0.5)
             got = [(m["sensor_id"], m["id"]) for m in received]
             assert len(got) == len(expected) and set(got) == expected
+
+
+# -- monitoring: alert rules, the Grafana dashboard, a real Prometheus ------------------------
+
+
+def prometheus_tool(name: str) -> str:
+    """Debian's ``prometheus`` package: the server and promtool (``.ci/run`` installs it)."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is absent (apt-get install prometheus)")
+    return found
+
+
+def alert_names() -> list[str]:
+    rules: dict[str, Any] = yaml.safe_load(RULES.read_text())
+    return [r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r]
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets and template queries."""
+    data = dashboard()
+    exprs = [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in data["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def rule_exprs() -> list[str]:
+    rules: dict[str, Any] = yaml.safe_load(RULES.read_text())
+    return [r["expr"] for group in rules["groups"] for r in group["rules"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (this service's, the process's, ``up``).
+
+    Examples:
+        >>> sorted(metric_names('sum(rate(sensorcast_x_total{job=~"$job"}[5m])) / up'))
+        ['sensorcast_x_total', 'up']
+    """
+    return set(re.findall(r"\b(sensorcast_[a-z0-9_]+|process_[a-z0-9_]+|up)\b(?!\s*[(=])", expr))
+
+
+def promql(expr: str) -> str:
+    """A dashboard expression with Grafana's variables filled in, for Prometheus itself."""
+    return (
+        expr.replace("$__rate_interval", "30s")
+        .replace('"$job"', '".*"')
+        .replace('"$instance"', '".*"')
+    )
+
+
+def test_alert_rules_pass_promtool_and_every_rule_has_a_test() -> None:
+    """promtool accepts the rules and the Prometheus config, the rules' unit tests pass, and
+    every alert is expected to fire in at least one of them."""
+    promtool = prometheus_tool("promtool")
+    for args in (
+        ["check", "rules", str(RULES)],
+        ["check", "config", str(PROMETHEUS_CONFIG)],
+        ["test", "rules", str(RULE_TESTS)],
+    ):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    tests: dict[str, Any] = yaml.safe_load(RULE_TESTS.read_text())
+    fired = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    names = alert_names()
+    assert len(names) >= 9 and len(set(names)) == len(names)
+    assert set(names) == fired, set(names) ^ fired
+    rule_files = yaml.safe_load(RULE_TESTS.read_text())["rule_files"]
+    assert [(RULE_TESTS.parent / f).resolve() for f in rule_files] == [RULES]
+
+
+def test_grafana_dashboard_is_well_formed() -> None:
+    """The dashboard is importable JSON: unique uid and panel ids, each panel on the grid
+    with a Prometheus query through the dashboard's datasource variable."""
+    data = dashboard()
+    assert data["uid"] == "sensorcast" and data["title"]
+    variables = {v["name"]: v for v in data["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in data["panels"]]
+    assert len(ids) == len(set(ids))
+    charts = [p for p in data["panels"] if p["type"] != "row"]
+    assert len(charts) >= 20
+    for panel in charts:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+
+
+def test_monitoring_profile_mounts_what_it_loads() -> None:
+    """Prometheus gets this config and every rule file it names; Grafana gets the datasource,
+    the dashboard provider, and the dashboard where the provider looks for it."""
+    svcs = services()
+    for name in ("prometheus", "grafana"):
+        assert svcs[name]["profiles"] == ["monitoring"], name
+    mounts = {
+        name: dict(v.split(":")[:2] for v in svcs[name]["volumes"] if v.startswith("./"))
+        for name in ("prometheus", "grafana")
+    }
+    prom = mounts["prometheus"]
+    assert prom["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    for pattern in config["rule_files"]:
+        local = sorted(PROMETHEUS_CONFIG.parent.glob(pattern))
+        assert local == [RULES]
+        for path in local:
+            source = "./" + str(path.relative_to(ROOT))
+            assert prom[source] == "/etc/prometheus/" + str(
+                path.relative_to(PROMETHEUS_CONFIG.parent)
+            )
+    scraped = {
+        name
+        for job in config["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+        for name in sd["names"]
+    }
+    assert scraped == {"api", "standalone", "worker"} and scraped <= set(svcs)
+    ports = {
+        name: sd["port"]
+        for job in config["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+        for name in sd["names"]
+    }
+    assert ports["api"] == ports["standalone"] == 8000
+    worker_env = services()["worker"]["environment"]
+    assert ports["worker"] == int(worker_env["SENSORCAST_METRICS_PORT"])
+    graf = mounts["grafana"]
+    provider = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "sensorcast.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    assert graf["./deploy/grafana/dashboards/sensorcast.json"] == f"{folder}/sensorcast.json"
+    datasource = yaml.safe_load(
+        (GRAFANA_PROVISIONING / "datasources" / "prometheus.yml").read_text()
+    )
+    [source] = datasource["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    for local, target in graf.items():
+        if "provisioning" in local:
+            assert target.startswith("/etc/grafana/provisioning/"), local
+    assert "9090:9090" in svcs["prometheus"]["ports"] and "3000:3000" in svcs["grafana"]["ports"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded-default service (memory backend), its base URL."""
+    server = start_server(tmp_path_factory.mktemp("monitoring"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def exported(url: str) -> set[str]:
+    """The sample names of a service's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_rules_and_dashboard_use_only_exported_metrics(topology: Topology, embedded: str) -> None:
+    """Each metric the alert rules and the dashboard read is exported by the embedded service
+    or by an api replica on Redis (after a little traffic), or is announced as pending."""
+    for url in (embedded, f"http://127.0.0.1:{topology.api_ports[0]}"):
+        response = httpx.post(f"{url}/v1/readings", json=[{"sensor_id": "mon-1", "value": 1.0}])
+        assert response.status_code == 202, response.text
+    names = exported(embedded) | exported(f"http://127.0.0.1:{topology.api_ports[0]}") | {"up"}
+    used: dict[str, set[str]] = {}
+    for expr in dashboard_exprs() + rule_exprs():
+        for name in metric_names(expr):
+            used.setdefault(name, set()).add(expr)
+    assert len(used) >= 25
+    missing = {name: exprs for name, exprs in used.items() if name not in names}
+    assert set(missing) <= PENDING_METRICS, missing
+    assert not PENDING_METRICS & names, "exported now: remove it from PENDING_METRICS"
+
+
+@dataclass
+class PrometheusServer:
+    proc: subprocess.Popen[bytes]
+    api: str
+    log: Path
+
+
+@pytest.fixture
+def prometheus(topology: Topology, embedded: str, tmp_path: Path) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus server on a loopback port, data in a temp dir, scraping the
+    embedded service (job ``sensorcast``) and an api replica on Redis (``sensorcast-api``)
+    every second, with the alert rules loaded."""
+    binary = prometheus_tool("prometheus")
+    port = free_port()
+    targets = {
+        "sensorcast": embedded.removeprefix("http://"),
+        "sensorcast-api": f"127.0.0.1:{topology.api_ports[0]}",
+    }
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]}
+            for job, target in targets.items()
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield PrometheusServer(proc, f"http://127.0.0.1:{port}/api/v1", log)
+    finally:
+        stop_process(proc)
+
+
+async def test_a_real_prometheus_scrapes_the_service(
+    prometheus: PrometheusServer, embedded: str
+) -> None:
+    """A real Prometheus scrapes the service: PromQL over the scraped data answers (accepted
+    readings, each shard's queue fill, live workers, requests by status), every alert rule
+    evaluates healthy and quiet, and every dashboard query runs."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        batch = [{"sensor_id": f"prom-{i % 4}", "value": float(i)} for i in range(120)]
+        assert (await http.post(f"{embedded}/v1/readings", json=batch)).status_code == 202
+
+        async def query(expr: str) -> list[dict[str, Any]]:
+            response = await http.get(f"{prometheus.api}/query", params={"query": expr})
+            body = response.json()
+            assert body["status"] == "success", (expr, body)
+            result: list[dict[str, Any]] = body["data"]["result"]
+            return result
+
+        async def until(expr: str, check: Any, timeout_s: float = 60) -> list[dict[str, Any]]:
+            deadline = time.monotonic() + timeout_s
+            result: list[dict[str, Any]] = []
+            while True:
+                assert prometheus.proc.poll() is None, prometheus.log.read_text()
+                try:
+                    result = await query(expr)
+                    if check(result):
+                        return result
+                except httpx.TransportError:
+                    pass  # still starting
+                assert time.monotonic() < deadline, f"{expr}: {result}"
+                await asyncio.sleep(0.5)
+
+        await until(
+            'sum(sensorcast_readings_accepted_total{job="sensorcast"})',
+            lambda r: r and float(r[0]["value"][1]) >= 120,
+        )
+        fill = await until(
+            'sensorcast_queue_pending_readings{job="sensorcast"}'
+            ' / sensorcast_queue_capacity_readings{job="sensorcast"}',
+            lambda r: len(r) == 2,
+        )
+        assert {s["metric"]["shard"] for s in fill} == {"0", "1"}
+        assert all(0 <= float(s["value"][1]) < 1 for s in fill)
+        await until(
+            'max(sensorcast_workers_live{job="sensorcast-api"})',
+            lambda r: r and float(r[0]["value"][1]) == 2,
+        )
+        await until(
+            'sum by (status) (sensorcast_http_requests_total{route="/v1/readings"})',
+            lambda r: any(s["metric"]["status"] == "202" for s in r),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            groups = (await http.get(f"{prometheus.api}/rules")).json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            evaluated = [r for r in rules if r.get("lastEvaluation", "").startswith("2")]
+            if rules and len(evaluated) == len(rules):
+                break
+            assert time.monotonic() < deadline, rules
+            await asyncio.sleep(0.5)
+        assert sorted(r["name"] for r in rules) == sorted(alert_names())
+        assert all(r["health"] == "ok" for r in rules), rules
+        firing = {a["labels"]["alertname"] for r in rules for a in r.get("alerts", [])}
+        assert not firing & {"SensorcastDown", "SensorcastNotReady", "SensorcastNoWorkers"}
+        for expr in dashboard_exprs():
+            if not expr.startswith("label_values"):
+                await query(promql(expr))
+        replicas = await query("count(sensorcast_build_info)")
+        assert float(replicas[0]["value"][1]) == 2
 
 
 def test_compose_healthchecks_follow_the_workers(topology: Topology) -> None:

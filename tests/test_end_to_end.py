@@ -192,6 +192,33 @@ async def test_invalid_items_are_all_named_and_nothing_is_enqueued(
     assert [m["id"] for m in got] == ["sentinel"]
 
 
+async def test_bad_channels_are_named_with_the_rule_in_words(http: httpx.AsyncClient) -> None:
+    """A bad channel name or value is reported as values.<channel>, with the rule in words
+    (JSON and NDJSON alike), never msgspec's regex."""
+    body = [
+        {"sensor_id": "ch-1", "values": {"flow": 1.0, "inlet temp": 2.0}},
+        {"sensor_id": "ch-1", "values": {"flow": "high"}},
+        {"sensor_id": "ch 1", "value": 1.0},
+        {"sensor_id": "ch-1", "values": {"x" * 65: 1.0}},
+    ]
+    for response in (
+        await post(http, body),
+        await http.post(
+            "/v1/readings",
+            content="\n".join(json.dumps(item) for item in body).encode(),
+            headers={"content-type": "application/x-ndjson"},
+        ),
+    ):
+        assert response.status_code == 422
+        errors = {e["index"]: (e["field"], e["reason"]) for e in response.json()["errors"]}
+        assert errors[0][0] == "values.inlet temp"
+        assert "1 to 64 characters of letters, digits" in errors[0][1]
+        assert errors[1] == ("values.flow", "must be a number, not a string")
+        assert errors[2][0] == "sensor_id" and "1 to 128 characters" in errors[2][1]
+        assert errors[3][0] == "values." + "x" * 65 and "1 to 64" in errors[3][1]
+        assert "regex" not in response.text
+
+
 @pytest.mark.parametrize(
     ("content", "content_type", "status", "needle"),
     [

@@ -201,3 +201,35 @@ async def test_simulate_posts_labelled_readings(
                 break
             await asyncio.sleep(0.2)
     assert set(counts) == {f"sim-{i}" for i in range(4)}
+
+
+async def test_simulate_reruns_are_new_readings_unless_told(
+    server_factory: Callable[..., Server],
+) -> None:
+    """A rerun with the same seed sends new ids (a run id in each); resending the same ids
+    (--run-id) is all duplicates, and simulate then exits 1 with a line saying so."""
+    srv = server_factory(workers="1")
+
+    def simulate(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable, "-m", "app", "simulate", "--url", srv.url, "--sensors", "2",
+                "--rate", "40", "--duration", "0.5", "--batch", "20", "--seed", "1",
+                "--concurrency", "1", *extra,
+            ],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    first = await asyncio.to_thread(simulate)
+    again = await asyncio.to_thread(simulate)
+    for done in (first, again):
+        assert done.returncode == 0, done.stderr
+        assert "duplicates 0," in done.stdout, done.stdout
+    run = first.stdout.rpartition("reading ids: ")[2].partition("-N")[0]
+    assert run and run in first.stdout and run not in again.stdout
+    resent = await asyncio.to_thread(simulate, "--run-id", run)
+    assert resent.returncode == 1
+    # One request of 20 per run (20 readings at 40/s fill the 0.5 s): the same 20 ids.
+    assert "sent 20 readings" in resent.stdout and "accepted 0, duplicates 20" in resent.stdout
+    [line] = [x for x in resent.stderr.splitlines() if x.startswith("error:")]
+    assert "none of the" in line and "duplicates" in line and "--run-id" in line

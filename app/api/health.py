@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import HubDep, PipelineDep
+from app.api.deps import HubDep, Ingest, PipelineDep
+from app.pipeline.hub import PredictionHub
 
 router = APIRouter(tags=["health"])
 
@@ -15,10 +16,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def readiness(pipeline: Ingest, hub: PredictionHub) -> dict[str, bool]:
+    """The checks behind ``/readyz`` (and the ``sensorcast_ready`` gauge): ready when all hold."""
+    backend = await hub.backend.ping()
+    return {**(await pipeline.checks() if backend else {}), "backend": backend}
+
+
 @router.get("/readyz", summary="Ready for work: the pool and backend can take readings")
 async def readyz(pipeline: PipelineDep, hub: HubDep) -> JSONResponse:
-    backend = await hub.backend.ping()
-    checks = {**(await pipeline.checks() if backend else {}), "backend": backend}
+    checks = await readiness(pipeline, hub)
     ready = all(checks.values())
     return JSONResponse(
         {

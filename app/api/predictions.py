@@ -28,6 +28,7 @@ from app.access import Scope
 from app.api.auth import guard_of, key_id, websocket_denial, websocket_key
 from app.api.deps import WsHubDep
 from app.edge import Edge
+from app.metrics import Metrics
 from app.pipeline.hub import SNAPSHOT_SLICE, PredictionHub, SensorFilter, Subscriber
 from app.pipeline.wire import Message
 from app.schemas import SENSOR_ID_PATTERN
@@ -156,9 +157,15 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
             websocket, 503, f"too many {limit} connected; retry later", {"Retry-After": "5"}
         )
         return
+    metrics: Metrics = websocket.app.state.metrics
     try:
         await websocket.accept()
-        await Connection(websocket, hub, query).run()
+        metrics.ws_accepted += 1
+        metrics.ws_open += 1
+        try:
+            await Connection(websocket, hub, query).run()
+        finally:
+            metrics.ws_open -= 1
     finally:
         edge.slots.release(owner)
 
@@ -166,7 +173,10 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
 async def _deny(
     websocket: WebSocket, status: int, detail: str, headers: dict[str, str] | None = None
 ) -> None:
-    """Refuse the handshake with an HTTP response where the server supports it."""
+    """Refuse the handshake with an HTTP response where the server supports it (counted
+    in the app's metrics by reason)."""
+    metrics: Metrics = websocket.app.state.metrics
+    metrics.count_ws_refusal(status)
     try:
         await websocket.send_denial_response(
             JSONResponse({"detail": detail}, status_code=status, headers=headers)

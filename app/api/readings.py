@@ -135,6 +135,10 @@ async def ingest(
         budget.give_back(len(body))
 
 
+class _ServedRoute(NamedTuple):
+    path: str
+
+
 class IngestEndpoint:
     """POST /v1/readings served straight from ASGI, ahead of the framework's routing,
     request objects and dependency injection: the hottest route pays only for its own work.
@@ -146,11 +150,14 @@ class IngestEndpoint:
     def __init__(self, app: ASGIApp, path: str = "/v1/readings") -> None:
         self.app = app
         self.path = path
+        # What routing would have put in the scope: the request metrics name the route by it.
+        self.route = _ServedRoute(path)
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        scope["route"] = self.route
         disconnected = False
 
         async def chunks() -> AsyncIterator[bytes]:

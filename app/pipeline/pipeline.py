@@ -111,6 +111,10 @@ class Pipeline:
     def queue_figures(self) -> list[tuple[str, int, int, int]]:
         return [(str(i), q.pending, q.waiting, q.capacity) for i, q in enumerate(self.queues)]
 
+    def dedup_size(self) -> int:
+        """(sensor_id, id) pairs remembered to acknowledge retries (for the metrics)."""
+        return len(self.ingestor.recent)
+
     async def start(self) -> None:
         if self.started:
             return

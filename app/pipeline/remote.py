@@ -33,6 +33,8 @@ class RemoteIngest:
         self.registry = SensorRegistry(settings.max_sensors)
         """Sensors this replica admitted readings of: it bounds them alone (each replica
         and the workers keep their own state)."""
+        self.workers_live = 0
+        """Workers heartbeating within the lease at the last :meth:`checks`."""
 
     async def start(self) -> None:
         self.started = True
@@ -78,7 +80,7 @@ class RemoteIngest:
         return outcome
 
     async def checks(self) -> dict[str, bool]:
-        workers = await self.backend.live_workers(self.settings.lease_ttl_s)
+        workers = self.workers_live = await self.backend.live_workers(self.settings.lease_ttl_s)
         return {"accepting": self.open, "workers": workers > 0}
 
     def describe(self) -> dict[str, Any]:

@@ -26,18 +26,80 @@ const state = {
   retryMs: 500,
   dirty: { list: true, chart: true },
   prevStats: null,
+  rate: null,           // readings/s, smoothed (see smoothRate)
+  blocked: false,       // the service refused us for our key: no point retrying without a new one
 };
+
+const RATE_TAU_S = 5;   // time constant of the readings/s average
 
 function withKey(url) {
   if (!key) return url;
   return url + (url.includes("?") ? "&" : "?") + "key=" + encodeURIComponent(key);
 }
 
+class HttpError extends Error {
+  constructor(url, status, detail) {
+    super(`${url}: HTTP ${status}${detail ? ": " + detail : ""}`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
 async function getJSON(url) {
   const headers = key ? { "X-API-Key": key } : {};
   const response = await fetch(url, { cache: "no-store", headers });
-  if (!response.ok) throw new Error(url + ": HTTP " + response.status);
+  if (!response.ok) {
+    let detail = "";
+    try { detail = (await response.json()).detail || ""; } catch (err) { /* not JSON */ }
+    const error = new HttpError(url, response.status, detail);
+    if (response.status === 401 || response.status === 403) needKey(error);
+    throw error;
+  }
   return response.json();
+}
+
+// ---- access: say that a key is needed, and take one ---------------------------------------
+
+function needKey(error) {
+  state.blocked = true;
+  const why = error.status === 401
+    ? (key ? "The API key given is not known to this service." : "This service needs an API key.")
+    : "The API key given lacks the subscribe scope.";
+  $("key-reason").textContent = `${why} (${error.detail || "HTTP " + error.status})`;
+  $("keyform").hidden = false;
+  $("empty").hidden = true;
+  setConn("offline", error.status === 401 ? "key needed" : "key refused");
+}
+
+$("keyform").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const given = $("key-input").value.trim();
+  if (!given) return;
+  const query = new URLSearchParams(location.search);
+  query.set("key", given);
+  location.search = query.toString();  // reloads the page with the key
+});
+
+// A browser does not show a page the HTTP answer to a refused WebSocket handshake (only
+// code 1006), so ask an HTTP route guarded like the socket why it was refused.
+async function explainClose(event, opened) {
+  if (event.reason) return `closed (${event.code}): ${event.reason}`;
+  if (opened) return `disconnected (${event.code})`;
+  try {
+    await getJSON("/v1/stats");
+  } catch (err) {
+    if (err instanceof HttpError) return `refused: HTTP ${err.status} ${err.detail}`.trim();
+    return "the service does not answer";
+  }
+  return `refused (${event.code})`;
+}
+
+// Exponentially weighted mean of the rate, so that a bursty sender (400/s one second,
+// 0 the next) reads as the 200/s it averages rather than flipping between the two.
+function smoothRate(previous, rate, dtS, tauS = RATE_TAU_S) {
+  if (previous === null || !Number.isFinite(previous)) return rate;
+  const alpha = 1 - Math.exp(-dtS / tauS);
+  return previous + alpha * (rate - previous);
 }
 
 function fmt(x) {
@@ -99,7 +161,7 @@ function renderList() {
   });
   tbody.replaceChildren(...rows);
   $("more").textContent = ids.length > shown.length ? `and ${ids.length - shown.length} more (use the filter)` : "";
-  $("empty").hidden = state.sensors.size > 0;
+  $("empty").hidden = state.blocked || state.sensors.size > 0;
 }
 
 $("sensors").addEventListener("click", (event) => {
@@ -308,17 +370,21 @@ function connect() {
   const ws = new WebSocket(withKey(`${proto}//${location.host}/v1/ws/predictions?${query}`));
   state.ws = ws;
   setConn(state.lastSeq === null ? "connecting" : "reconnecting", "connecting…");
+  let opened = false;
   ws.onmessage = (event) => {
     if (state.ws !== ws) return;
+    opened = true;
     const message = JSON.parse(event.data);
     if (message.type === "predictions") message.items.forEach(onFrame);
     else onFrame(message);
   };
-  ws.onclose = (event) => {
+  ws.onclose = async (event) => {
     if (state.ws !== ws) return;
+    const why = await explainClose(event, opened);
+    if (state.blocked) return;  // needKey() said so; retrying with the same key cannot help
     const delay = state.retryMs * (0.8 + Math.random() * 0.4);
     state.retryMs = Math.min(state.retryMs * 2, 10000);
-    setConn("offline", `disconnected (${event.code}); retrying in ${(delay / 1000).toFixed(1)} s`);
+    setConn("offline", `${why}; retrying in ${(delay / 1000).toFixed(1)} s`);
     setTimeout(connect, delay);
   };
 }
@@ -372,7 +438,9 @@ async function pollStats() {
     const s = await getJSON("/v1/stats");
     const prev = state.prevStats;
     if (prev && s.time > prev.time) {
-      const rate = Math.max(0, (s.accepted - prev.accepted) / (s.time - prev.time));
+      const dt = s.time - prev.time;
+      const rate = smoothRate(state.rate, Math.max(0, (s.accepted - prev.accepted) / dt), dt);
+      state.rate = rate;
       $("rate").textContent = rate >= 100 ? Math.round(rate).toLocaleString() : rate.toFixed(1);
     }
     state.prevStats = s;
@@ -396,6 +464,6 @@ window.addEventListener("resize", () => { state.dirty.chart = true; });
 // Rendering is throttled: frames may arrive by the thousand per second.
 setInterval(frame, 200);
 setInterval(() => { state.dirty.list = true; }, 1000);  // let anomaly flashes fade
-setInterval(pollStats, 1000);
-loadSensors().catch(console.warn).finally(connect);
+setInterval(() => { if (!state.blocked) pollStats(); }, 1000);
+loadSensors().catch(console.warn).finally(() => { if (!state.blocked) connect(); });
 pollStats();
