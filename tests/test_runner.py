@@ -66,7 +66,7 @@ async def test_outcomes_come_back_in_order_whatever_the_batch_sizes() -> None:
     assert got[0] == got[1]
     kinds = [kind for kind, _ in got[0]]
     assert kinds.count("prediction") == len(data)
-    assert kinds.count("model") >= 5 * 3, "every sensor refits at 48, 96 and 192 readings"
+    assert kinds.count("model") >= 5, "every sensor is fitted (its first fit at 48 readings)"
 
 
 async def test_a_killed_process_is_rebuilt_and_replayed_exactly() -> None:

@@ -83,7 +83,7 @@ async def test_resume_mid_stream_is_exact(server: Server, http: httpx.AsyncClien
                         m = await receive_json(ws)
                         assert m["type"] in ("prediction", "model", "alarm"), m
                         since = m["seq"]
-                        if m["type"] == "model":
+                        if m["type"] != "prediction":
                             continue
                         got.append(m)
                         if len(got) in cut_at:
