@@ -36,12 +36,13 @@ class Script:
 
 SCRIPTS = (
     Script("loop_lag", "1. responsiveness while retraining", 180, 60),
-    Script("scaling", "2. model-stage scaling over pool sizes", 120, 40),
+    Script("scaling", "2. model-stage scaling over model processes", 120, 60),
     Script("ingest", "3. ingest against no-op endpoints", 240, 60),
-    Script("e2e", "4. end to end, POST to frame", 240, 90),
+    Script("saturation", "4. end to end at saturation, /healthz, loop lag, memory", 330, 150),
+    Script("e2e", "latency, POST to frame, at fixed rates", 150, 60),
     Script("fanout", "5. fan-out against websockets broadcast()", 180, 60),
-    Script("hotpath", "service-process cost per reading, step by step", 60, 30),
-    Script("model_stage", "model stage alone", 120, 40),
+    Script("hotpath", "service-process cost per reading, step by step", 60, 40),
+    Script("model_stage", "model stage alone, CPU per reading", 240, 120),
     Script("model_quality", "model quality", 180, 60),
     Script("nab", "quality on real series (nab-dev), bulk and paced", 420, 60),
     Script("scaleout", "scale-out on Redis beside memory://", 240, 90),

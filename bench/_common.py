@@ -231,14 +231,23 @@ class Load:
     errors: int
     p50_ms: float
     p99_ms: float
+    refused: int = 0
+    """Of ``non_2xx``: answered 503 (the pipeline could not take the request now)."""
 
     @property
     def rps(self) -> float:
+        """Requests answered per second, whatever the answer."""
         return self.requests / self.duration_s if self.duration_s else math.nan
 
     @property
     def ok_rps(self) -> float:
+        """Requests accepted (2xx) per second: the only ones that count as ingested."""
         return (self.requests - self.non_2xx) / self.duration_s if self.duration_s else math.nan
+
+    @property
+    def refused_rps(self) -> float:
+        """Requests refused with 503 per second."""
+        return self.refused / self.duration_s if self.duration_s else math.nan
 
 
 def load_tool() -> str:
@@ -248,7 +257,7 @@ def load_tool() -> str:
 
 _RESULT = re.compile(
     r"RESULT requests=(\d+) duration_s=([\d.]+) non_2xx=(\d+) errors=(\d+) "
-    r"p50_ms=([\d.]+) p99_ms=([\d.]+)"
+    r"p50_ms=([\d.]+) p99_ms=([\d.]+) refused=(\d+)"
 )
 
 
@@ -289,14 +298,16 @@ def _wrk(url: str, body: bytes, connections: int, duration_s: float, content_typ
     m = _RESULT.search(out.stdout)
     if not m:
         raise RuntimeError(f"wrk gave no result:\n{out.stdout[-1000:]}\n{out.stderr[-1000:]}")
-    return Load("wrk", int(m[1]), float(m[2]), int(m[3]), int(m[4]), float(m[5]), float(m[6]))
+    return Load(
+        "wrk", int(m[1]), float(m[2]), int(m[3]), int(m[4]), float(m[5]), float(m[6]), int(m[7])
+    )
 
 
 async def _httpx_load(
     url: str, body: bytes, connections: int, duration_s: float, content_type: str
 ) -> Load:
     latencies: list[float] = []
-    counts = {"non_2xx": 0, "errors": 0}
+    counts = {"non_2xx": 0, "errors": 0, "refused": 0}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     headers = {"content-type": content_type}
     async with httpx.AsyncClient(limits=limits, timeout=5) as client:
@@ -313,6 +324,7 @@ async def _httpx_load(
                 latencies.append(time.perf_counter() - t0)
                 if not 200 <= r.status_code < 300:
                     counts["non_2xx"] += 1
+                    counts["refused"] += r.status_code == 503
 
         started = time.perf_counter()
         await asyncio.gather(*(one_connection() for _ in range(connections)))
@@ -320,7 +332,7 @@ async def _httpx_load(
     ms = [x * 1e3 for x in latencies]
     return Load(
         "httpx", len(ms), elapsed, counts["non_2xx"], counts["errors"],
-        percentile(ms, 50), percentile(ms, 99),
+        percentile(ms, 50), percentile(ms, 99), counts["refused"],
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""``sensorcast bench``: the runner end to end on its cheapest item."""
+"""``sensorcast bench``: the runner end to end on its cheapest item; the README's figures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import readme
 from tests.conftest import ROOT
 
 
@@ -34,14 +35,15 @@ def test_quick_scaling_run_writes_table_json_and_png(tmp_path: Path) -> None:
         timeout=75,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "| scaling | model stage, 1 worker |" in out.stdout
+    assert "| scaling | model stage, 1 process |" in out.stdout
     report = json.loads((tmp_path / "latest.json").read_text())
     assert report["quick"] is True
     assert report["machine"]["cores"] >= 1
     scaling = report["scripts"]["scaling"]
     assert scaling["status"] == "ok"
     rates = [row["value"] for row in scaling["rows"]]
-    assert rates and all(isinstance(r, float) and r > 0 for r in rates)
+    assert len(rates) == report["machine"]["cores"]
+    assert all(isinstance(r, float) and r > 0 for r in rates)
     assert set(report["scripts"]) == {"scaling"}
     png = (tmp_path / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
@@ -59,6 +61,56 @@ def test_unknown_item_is_refused(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "unknown item nope" in out.stdout and "scaling" in out.stdout
     assert not (tmp_path / "latest.json").exists()
+
+
+def test_readme_figures_are_what_the_committed_json_gives() -> None:
+    """The README's "Latest figures" section is exactly what bench.readme makes of latest.json."""
+    report = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    assert readme.replace(text, readme.render(report)) == text
+    section = text[text.index(readme.BEGIN) : text.index(readme.END)]
+    for data in report["scripts"].values():
+        for row in data["rows"]:
+            assert f"| {row['measure']} |" in section
+
+
+def _report() -> dict[str, object]:
+    return {
+        "started_at": "2026-12-01T07:00:00+00:00",
+        "quick": False,
+        "machine": {"cores": 2, "cpu": "cpu", "python": "3.11", "system": "Linux",
+                    "load_generator": "wrk"},
+        "scripts": {"scaling": {"status": "ok", "rows": [
+            {"item": "scaling", "measure": "model stage, 1 process", "value": 12345.0,
+             "unit": "readings/s"}], "notes": ["a note"], "load_average": [0.5, 1.0]}},
+    }  # fmt: skip
+
+
+def test_readme_command_rewrites_only_its_section_and_is_idempotent(tmp_path: Path) -> None:
+    """bench.readme replaces the marked section from the JSON, then --check passes unchanged."""
+    json_path = tmp_path / "latest.json"
+    json_path.write_text(json.dumps(_report()))
+    page = tmp_path / "README.md"
+    page.write_text(f"# t\n\nbefore\n{readme.BEGIN}\n| stale | row |\n{readme.END}\nafter\n")
+    args = ["--json", str(json_path), "--readme", str(page)]
+    assert readme.main([*args, "--check"]) == 1
+    assert readme.main(args) == 0
+    text = page.read_text()
+    assert "stale" not in text and text.startswith("# t\n\nbefore\n") and text.endswith("after\n")
+    assert "| scaling | model stage, 1 process | 12.3k | readings/s |" in text
+    assert "- scaling: a note" in text
+    assert readme.main([*args, "--check"]) == 0
+    assert readme.main(args) == 0 and page.read_text() == text
+
+
+def test_readme_command_refuses_a_page_without_markers(tmp_path: Path) -> None:
+    """A README without the marker comments is left alone and the command exits 2."""
+    page = tmp_path / "README.md"
+    page.write_text("# no markers\n")
+    json_path = tmp_path / "latest.json"
+    json_path.write_text(json.dumps(_report()))
+    assert readme.main(["--json", str(json_path), "--readme", str(page)]) == 2
+    assert page.read_text() == "# no markers\n"
 
 
 NAB_SERIES = (

@@ -1,0 +1,217 @@
+"""Saturation: end to end at full load, with responsiveness and memory under that load.
+
+The service runs as ``sensorcast serve`` with its default settings (access log on) in its own
+process; every other part runs in processes of its own, as in production:
+
+- load generators (``bench/_loadgen.py``, 2 processes x 3 connections) post 1,000-reading
+  bodies as fast as they are taken, each connection with its own sensors, readings in order
+  with rising ``ts``, honouring ``503 Retry-After`` (then sending the same body again);
+- one ``batch=true`` WebSocket subscriber (``bench/_subscriber.py``) counts the predictions
+  it receives: the end-to-end rate, POST to frame;
+- a prober (``bench/_prober.py``) GETs ``/healthz`` every 10 ms: p50/p99 from outside;
+- at the end of the window, ``GET /v1/debug/loop-lag`` gives the service's event-loop lag
+  p99 over it; the service's RSS is read from ``/proc`` before the load and every second of it.
+
+The end-to-end rate is set against the model stage alone, measured in the same run on the
+same work (``bench.scaling.run_runners`` with one model process per core). The same load then
+runs on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
+end-to-end rate, loop lag, ``/healthz`` and the API process's memory.
+
+Run: ``python -m bench.saturation [--quick] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._common import ROOT, Results, Server, parse_args, service
+from bench.e2e import result_of, subscribe
+from bench.scaleout import redis_server, worker
+
+LOADGENS = 2
+CONNECTIONS = 3
+SENSORS_PER_CONNECTION = 170
+MIB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _spawn(module: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+def _result(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout_s)
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[7:])
+            return result
+    raise RuntimeError(f"{proc.args!r} gave no result: {out[-1000:]}")
+
+
+def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """Run the load against ``svc``; every figure of the window after ``warmup_s``."""
+    time.sleep(1.0)  # idle: nothing posted yet
+    idle = rss_bytes(svc.pid)
+    t0 = time.time() + 1.5
+    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
+    stop = end + 0.5
+    sub = subscribe(svc.ws_url + "?batch=true", start, end, latency=False)
+    window = ("--start", str(start), "--end", str(end))
+    prober = _spawn("bench._prober", svc.url + "/healthz", *window)
+    loadgens = [
+        _spawn(
+            "bench._loadgen",
+            svc.url,
+            "--connections",
+            str(CONNECTIONS),
+            "--sensors",
+            str(SENSORS_PER_CONNECTION),
+            "--prefix",
+            f"g{n}c",
+            *window,
+            "--stop",
+            str(stop),
+        )  # fmt: skip
+        for n in range(LOADGENS)
+    ]
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            samples.append((time.time(), rss_bytes(svc.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        time.sleep(max(0.0, end - time.time()))
+        lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s}).json()
+        loads = [_result(p, stop - time.time() + 60) for p in loadgens]
+        probe = _result(prober, 30)
+        delivered = result_of(sub)
+    finally:
+        done.set()
+        sampler.join()
+        for p in [*loadgens, prober, sub]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    after_warmup = [rss for t, rss in samples if t >= start]
+    return {
+        "delivered": delivered["rate"],
+        "dropped": delivered["dropped"],
+        "accepted": sum(x["accepted"] for x in loads) / duration_s,
+        "refused": sum(x["refused"] for x in loads) / duration_s,
+        "failed": sum(x["failed"] for x in loads),
+        "healthz_p50_ms": probe["p50_ms"],
+        "healthz_p99_ms": probe["p99_ms"],
+        "healthz_failed": probe["failed"],
+        "loop_lag_p99_ms": lag["p99_ms"],
+        "rss_idle": idle,
+        "rss_warm": after_warmup[0] if after_warmup else 0,
+        "rss_end": after_warmup[-1] if after_warmup else 0,
+        "rss_max": max((rss for _, rss in samples), default=0),
+        "rss_series": [(round(t - t0, 1), rss / MIB) for t, rss in samples],
+    }
+
+
+def report(results: Results, label: str, r: dict[str, Any], stage: float | None) -> None:
+    item = f"saturation {label}"
+    if stage is not None:
+        e2e_ratio = r["delivered"] / stage if stage else 0.0
+        results.row(
+            item, "POST -> batch=true frame, readings/s", r["delivered"], "readings/s",
+            baseline="model stage alone", baseline_value=stage,
+            target=">= 0.6x and >= 100k/s",
+            met=e2e_ratio >= 0.6 and r["delivered"] >= 100_000,
+        )  # fmt: skip
+    else:
+        results.row(item, "POST -> batch=true frame, readings/s", r["delivered"], "readings/s")
+    results.row(item, "accepted (202)", r["accepted"], "readings/s")
+    results.row(item, "refused (503, Retry-After honoured)", r["refused"], "requests/s")
+    results.row(item, "frames dropped for the subscriber", r["dropped"], "messages")
+    results.row(item, "/healthz p50 from another process", r["healthz_p50_ms"], "ms")
+    results.row(
+        item, "/healthz p99 from another process", r["healthz_p99_ms"], "ms",
+        target="<= 20 ms", met=r["healthz_p99_ms"] <= 20,
+    )  # fmt: skip
+    results.row(
+        item, "event-loop lag p99", r["loop_lag_p99_ms"], "ms",
+        target="<= 5 ms", met=r["loop_lag_p99_ms"] <= 5,
+    )  # fmt: skip
+    growth = (r["rss_end"] - r["rss_idle"]) / MIB
+    drift = (r["rss_end"] - r["rss_warm"]) / MIB
+    results.row(item, "service RSS idle", r["rss_idle"] / MIB, "MiB")
+    results.row(
+        item, "service RSS growth over idle, end of the load", growth, "MiB",
+        target="<= +100 MiB", met=growth <= 100,
+    )  # fmt: skip
+    results.row(
+        item, "service RSS growth after warm-up", drift, "MiB",
+        target="flat (<= +20 MiB)", met=drift <= 20,
+    )  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    warmup_s, duration_s = (5.0, 12.0) if args.quick else (10.0, 60.0)
+    redis_s = 10.0 if args.quick else 30.0
+    results = Results("saturation")
+    cores = os.cpu_count() or 1
+
+    import asyncio
+
+    from bench.scaling import run_runners
+
+    stage = asyncio.run(run_runners(cores, 300 if args.quick else 700))
+    results.row("saturation", f"model stage alone, {cores} processes", stage, "readings/s")
+
+    with service(log_level="info") as svc:
+        memory = saturate(svc, warmup_s, duration_s)
+    report(results, "memory://", memory, stage)
+
+    with redis_server() as url, ExitStack() as stack:
+        stack.enter_context(worker(url, cores))
+        svc = stack.enter_context(service(backend=url, log_level="info"))
+        redis = saturate(svc, warmup_s, redis_s)
+    report(results, "redis://", redis, None)
+    results.note(
+        f"{LOADGENS} load generator processes x {CONNECTIONS} connections, "
+        f"{LOADGENS * CONNECTIONS * SENSORS_PER_CONNECTION} sensors, 1,000 readings a request; "
+        f"window {duration_s:.0f} s after {warmup_s:.0f} s of warm-up (redis:// {redis_s:.0f} s)"
+    )
+    results.series["saturation_rss"] = {
+        "kind": "line",
+        "x": [t for t, _ in memory["rss_series"]],
+        "y": [m for _, m in memory["rss_series"]],
+        "xlabel": "seconds since the load started",
+        "ylabel": "service RSS, MiB",
+        "title": "Service memory at saturation (memory://)",
+    }
+    results.write(args.json)
+
+
+if __name__ == "__main__":
+    main()
