@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.models.alarms import AlarmOptions
 from app.models.base import ModelOptions
+
+if TYPE_CHECKING:
+    from app.pipeline.runner import ProcessSpec
 
 
 class SlowClientPolicy(StrEnum):
@@ -66,22 +70,37 @@ class Settings(BaseSettings):
     # Compute
     workers: int = Field(default_factory=_default_workers, ge=1, le=256)
     """Model worker processes (one shard of the sensors each)."""
-    trainer_workers: int = Field(1, ge=1, le=64)
-    """Processes that retrain models, apart from the shard workers."""
+    model_nice: int = Field(10, ge=0, le=19)
+    """Added to the model processes' scheduling niceness: on a saturated machine the event
+    loop gets a core before the model work does, so the service stays responsive."""
     executor: ExecutorKind = ExecutorKind.process
     """Benchmarks only: ``thread`` or ``inline`` run the model work in the service process."""
     model: str = "app.models.ridge:RidgeForecaster"
     """The model class, as ``module:Class``."""
     model_dir: Path | None = None
-    """Where models and their windows are saved (on retrain and at shutdown) and loaded at
-    start; None keeps them in memory only."""
+    """Where models and their windows are saved (at shutdown) and loaded at start; None keeps
+    them in memory only."""
     model_history_readings: int = Field(512, ge=32, le=100_000)
     """Readings kept per sensor to refit its model on."""
     model_warmup_readings: int = Field(48, ge=2, le=100_000)
     """Readings a sensor needs before its first fit (predictions are ``warming_up`` until)."""
     retrain_every_readings: int = Field(2_000, ge=1)
-    retrain_interval_s: float = Field(600.0, gt=0)
-    """A sensor's model is also refitted after this long, if it had new readings."""
+    retrain_interval_s: float = Field(86_400.0, gt=0)
+    """A sensor's model is also refitted after this much event time (its readings' ``ts``),
+    if it had new readings."""
+    # Alarms
+    alarm_raise_count: int = Field(3, ge=1, le=1000)
+    """Anomalies among a sensor's last ``alarm_raise_window`` readings that raise an alarm."""
+    alarm_raise_window: int = Field(6, ge=1, le=1000)
+    alarm_clear_count: int = Field(10, ge=1, le=100_000)
+    """Normal readings in a row that clear an alarm."""
+    alarm_hold_score: float = Field(0.2, ge=0, le=1)
+    """While an alarm is raised, a reading scoring at least this keeps it raised."""
+    alarm_flap_window: int = Field(60, ge=0)
+    """Readings after a clear within which a new alarm reopens the same episode."""
+    alarm_max_readings: int = Field(720, ge=0)
+    """Readings an alarm may stay raised before the fault is declared the sensor's new normal
+    (0: never)."""
 
     # Scale-out on Redis
     partitions: int = Field(16, ge=1, le=4096)
@@ -101,10 +120,17 @@ class Settings(BaseSettings):
     batches_in_flight: int = Field(2, ge=1, le=16)
     """Batches a shard may have queued in its worker at once (pipelining)."""
     checkpoint_interval_s: float = Field(5.0, gt=0)
-    """How often each shard's models are checkpointed in the service process, so a worker
-    that dies can be rebuilt exactly (the batches since are replayed)."""
+    """How often each model process's models are checkpointed by the process that drives it
+    (the service, or a Redis worker), so a process that dies can be rebuilt exactly (the
+    batches since are replayed). A Redis worker also saves each partition's models to Redis
+    at this interval, for another worker to take over."""
     checkpoint_max_readings: int = Field(200_000, ge=1)
-    """Checkpoint sooner when this many readings went through a shard since the last one."""
+    """Checkpoint sooner when this many readings went through a process since the last one."""
+    publish_max_pending_messages: int = Field(50_000, ge=1)
+    """Messages published and not yet taken in by the hub (memory backend); beyond it the
+    model stage waits, the shard queues fill and POST answers 503."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """``sensorcast worker``: serve ``/metrics`` and ``/healthz`` on this port."""
     dedup_window_s: float = Field(600.0, ge=0)
     dedup_max_ids: int = Field(1_000_000, ge=0)
 
@@ -123,8 +149,6 @@ class Settings(BaseSettings):
     history_max_age_s: float = Field(3600.0, ge=0)
     subscriber_queue_frames: int = Field(10_000, ge=1)
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest
-    batch_flush_ms: float = Field(5.0, ge=0)
-    """With ``batch=true``, the longest a prediction waits to be sent in a frame."""
     ws_ping_interval_s: float = Field(20.0, gt=0)
     ws_ping_timeout_s: float = Field(20.0, gt=0)
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
@@ -154,7 +178,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, value: list[str]) -> list[str]:
-        from app.api.auth import parse_key_entry
+        from app.access import parse_key_entry
 
         for number, entry in enumerate(value, start=1):
             try:
@@ -167,7 +191,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys_file")
     @classmethod
     def _check_api_keys_file(cls, value: Path | None) -> Path | None:
-        from app.api.auth import read_keys_file
+        from app.access import read_keys_file
 
         if value is not None:
             read_keys_file(value)
@@ -176,7 +200,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_origins")
     @classmethod
     def _check_origins(cls, value: list[str]) -> list[str]:
-        from app.api.auth import normalise_origin
+        from app.access import normalise_origin
 
         for origin in value:
             if origin != "*":
@@ -194,9 +218,9 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, value: str) -> str:
-        scheme = value.partition("://")[0]
-        if scheme not in {"memory", "redis", "rediss"} or "://" not in value:
-            raise ValueError(f"unknown backend {value!r}: use memory:// or redis://host:port/db")
+        from app.backends import topology_of
+
+        topology_of(value)
         return value
 
     def model_options(self) -> ModelOptions:
@@ -206,6 +230,27 @@ class Settings(BaseSettings):
             warmup_readings=self.model_warmup_readings,
             retrain_every_readings=self.retrain_every_readings,
             retrain_interval_s=self.retrain_interval_s,
+            alarms=AlarmOptions(
+                raise_count=self.alarm_raise_count,
+                raise_window=self.alarm_raise_window,
+                clear_count=self.alarm_clear_count,
+                hold_score=self.alarm_hold_score,
+                flap_window=self.alarm_flap_window,
+                max_readings=self.alarm_max_readings,
+            ),
+        )
+
+    def process_spec(self) -> ProcessSpec:
+        """How the model processes are made (both topologies)."""
+        from app.pipeline.runner import ProcessSpec
+
+        return ProcessSpec(
+            self.model,
+            self.model_options(),
+            None if self.model_dir is None else str(self.model_dir),
+            self.model_nice,
+            self.executor,
+            self.pool_start_timeout_s,
         )
 
     @field_validator("model")

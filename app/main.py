@@ -1,9 +1,9 @@
 """``create_app(settings)``: the FastAPI app and the lifespan that wires the pipeline.
 
 Start-up enters, in data-flow order: the backend, the prediction hub, then the pipeline
-(process pool warmed before readiness says yes). Shutdown runs in reverse: ingestion stops
-and the batchers drain, the pool shuts down, subscribers are flushed and closed with 1001,
-and the backend disconnects last.
+(model processes warmed before readiness says yes). Shutdown runs in reverse: ingestion stops
+and the batchers drain, the model processes stop, subscribers are flushed and closed with
+1001, and the backend disconnects last.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
+from app.access import Scope
 from app.api import (
+    alarms,
     dashboard,
     debug,
     errors,
@@ -27,9 +29,9 @@ from app.api import (
     readings,
     sensors,
 )
-from app.api.auth import Guard, Scope, require
+from app.api.auth import Guard, require
 from app.api.deps import Ingest, State
-from app.backends import backend_from_url
+from app.backends import backend_from_url, load, topology_of
 from app.config import Settings
 from app.logs import RequestIdMiddleware
 from app.looplag import LoopLagMonitor
@@ -37,7 +39,6 @@ from app.metrics import Metrics
 from app.models.base import load_model_class
 from app.pipeline.hub import PredictionHub
 from app.pipeline.ingest import BodyBudget
-from app.pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         guard.on_startup()
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(loop_lag)
-            backend = backend_from_url(settings.backend, timeout_s=settings.redis_timeout_s)
+            topology = topology_of(settings.backend)
+            backend = backend_from_url(
+                settings.backend,
+                timeout_s=settings.redis_timeout_s,
+                max_pending_messages=settings.publish_max_pending_messages,
+            )
             await backend.connect()
             stack.push_async_callback(backend.disconnect)
             hub = PredictionHub(
@@ -68,34 +74,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stall_timeout_s=settings.ws_ping_interval_s + settings.ws_ping_timeout_s,
             )
             await stack.enter_async_context(hub)
-            pipeline: Ingest
-            if settings.backend.startswith(("redis://", "rediss://")):
-                # API replica: readings go to Redis; `sensorcast worker` runs the model stage.
-                from app.backends.redis import RedisBackend
-                from app.pipeline.remote import RemoteIngest
-
-                assert isinstance(backend, RedisBackend)
-                pipeline = remote = RemoteIngest(settings, backend)
-                stop_pipeline = remote.stop
-                metrics.bind(None, hub, loop_lag)
-            else:
-                pipeline = embedded = Pipeline(settings, backend)
-                stop_pipeline = embedded.stop
-                for batcher in embedded.batchers:
-                    batcher.observer = metrics.observe_batch
-                metrics.bind(embedded, hub, loop_lag)
+            # Embedded: the model stage runs here. API replica on Redis: readings go to
+            # Redis and ``sensorcast worker`` runs the model stage.
+            pipeline: Ingest = load(topology.ingest, topology.extra)(settings, backend)
+            pipeline.observer = metrics.observe_batch
+            metrics.bind(pipeline.stage, hub, loop_lag)
             stack.callback(metrics.bind, None, None, None)
 
             async def drain() -> None:
                 # Graceful stop: refuse readings, finish accepted ones, deliver them, close.
-                await stop_pipeline()
-                if isinstance(pipeline, Pipeline):
-                    await hub.settle(pipeline.publisher.last_seq, settings.shutdown_timeout_s)
+                await pipeline.stop()
+                await hub.settle(pipeline.last_seq, settings.shutdown_timeout_s)
                 await hub.close_subscribers(timeout_s=min(5.0, settings.shutdown_timeout_s))
 
             stack.push_async_callback(drain)
-            if isinstance(pipeline, Pipeline):
-                await pipeline.start()
+            await pipeline.start()
             app.state.drain = drain
             # What start-up made lives as long as the process: keep it out of every full
             # collection, whose pauses stall the event loop.
@@ -121,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(readings.router)
     app.include_router(predictions.router)
     app.include_router(sensors.router, dependencies=[require(Scope.subscribe)])
+    app.include_router(alarms.router)
     app.include_router(health.router)
     app.include_router(metrics_api.router, dependencies=[require(Scope.admin)])
     app.include_router(dashboard.router)

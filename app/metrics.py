@@ -30,8 +30,7 @@ from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
     from app.pipeline.hub import PredictionHub
-    from app.pipeline.inference import BatchResult
-    from app.pipeline.pipeline import Pipeline
+    from app.pipeline.runner import Done, ShardRunner
     from app.schemas import Reading
 
 NAMESPACE = "sensorcast"
@@ -67,6 +66,22 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 _RECENT_LATENCIES = 4096
 LAG_WINDOW_S = 60.0
 """Event-loop lag quantiles cover this many recent seconds."""
+
+
+class ModelStage(Protocol):
+    """What the metrics read of a model stage: the embedded pipeline or a Redis worker."""
+
+    @property
+    def runners(self) -> list[ShardRunner]: ...
+    @property
+    def published(self) -> int: ...
+    @property
+    def last_seq(self) -> int: ...
+    def queue_figures(self) -> list[tuple[str, int, int, int]]:
+        """(shard, pending, waiting, capacity) of each queue the stage owns."""
+        ...
+
+    def pending(self) -> int: ...
 
 
 class LagSummary(Protocol):
@@ -117,7 +132,9 @@ class Metrics:
         """Readings acknowledged again without being processed (a retried ``id``)."""
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.model_swaps = 0
-        self.retrains_requested = 0
+        self.fit_failures = 0
+        self.alarms_raised = 0
+        self.alarms_cleared = 0
         self.model_versions: dict[str, int] = {}
         """Each retrained sensor's current model version (sensors never fitted are absent)."""
         self.recent_latency_s: deque[tuple[float, float]] = deque(maxlen=_RECENT_LATENCIES)
@@ -142,14 +159,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        self._pipeline: Pipeline | None = None
+        self.fit_seconds = Histogram(
+            "sensorcast_model_fit_seconds",
+            "Time of each model fit, inline in its model process.",
+            buckets=_POOL_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._pipeline: ModelStage | None = None
         self._hub: PredictionHub | None = None
         self._loop_lag: LagSource | None = None
         ProcessCollector(registry=self.registry)
         self.registry.register(_PipelineCollector(self))
 
     def bind(
-        self, pipeline: Pipeline | None, hub: PredictionHub | None, loop_lag: LagSource | None
+        self, pipeline: ModelStage | None, hub: PredictionHub | None, loop_lag: LagSource | None
     ) -> None:
         """Read these objects at scrape time (``None`` to detach them)."""
         self._pipeline, self._hub, self._loop_lag = pipeline, hub, loop_lag
@@ -159,10 +182,8 @@ class Metrics:
         (another word is counted too, under its own label)."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def observe_batch(
-        self, readings: list[Reading], result: BatchResult, task_s: float | None
-    ) -> None:
-        """Record a batch just published (called by the batcher, once per batch)."""
+    def observe_batch(self, readings: list[Reading], done: Done) -> None:
+        """Record a batch just published (called by the model stage, once per batch)."""
         count = len(readings)
         if count:
             self.batch_size.observe(count)
@@ -172,13 +193,18 @@ class Metrics:
             if count > 1:
                 self.latency.observe(now - readings[-1].ingested_at)
             self.recent_latency_s.append((time.monotonic(), oldest))
-        if task_s is not None:
-            self.pool_seconds.observe(task_s)
-        if result.swaps:
-            self.model_swaps += len(result.swaps)
-            for swap in result.swaps:
-                self.model_versions[swap.sensor_id] = swap.model_version
-        self.retrains_requested += len(result.jobs)
+        if done.task_s is not None:
+            self.pool_seconds.observe(done.task_s)
+        outcome = done.outcome
+        if outcome.swaps:
+            self.model_swaps += len(outcome.swaps)
+            for sensor_id, version in outcome.swaps:
+                self.model_versions[sensor_id] = version
+        for seconds in outcome.fit_seconds:
+            self.fit_seconds.observe(seconds)
+        self.fit_failures += outcome.fit_failures
+        self.alarms_raised += outcome.alarms_raised
+        self.alarms_cleared += outcome.alarms_cleared
 
     def recent_latency_ms(self, window_s: float = 10.0) -> dict[str, float]:
         """p50/p99/max of the recent batches' oldest-reading latency, in milliseconds."""
@@ -202,7 +228,7 @@ class Metrics:
             "latency": self.recent_latency_ms(),
             "subscribers": len(hub.subscribers) if hub else 0,
             "sensors": len(hub.sensors) if hub else 0,
-            "published": pipeline.publisher.published if pipeline else 0,
+            "published": pipeline.published if pipeline else 0,
             "pending": pipeline.pending() if pipeline else 0,
             "model_swaps": self.model_swaps,
         }
@@ -245,8 +271,12 @@ class _PipelineCollector(Collector):
         yield refused
         yield _counter("model_swaps", "Retrained models swapped in.", m.model_swaps)
         yield _counter(
-            "retrains_requested", "Retraining jobs sent to the trainer pool.", m.retrains_requested
+            "model_fit_failures",
+            "Model fits that failed (the sensor kept its model).",
+            m.fit_failures,
         )
+        yield _counter("alarms_raised", "Alarm episodes raised.", m.alarms_raised)
+        yield _counter("alarms_cleared", "Alarm episodes cleared.", m.alarms_cleared)
         versions = m.model_versions
         yield _gauge("models_retrained", "Sensors running a retrained model.", len(versions))
         yield _gauge(
@@ -271,55 +301,65 @@ class _PipelineCollector(Collector):
             family.add_metric(("1",), lag.max_ms / 1e3)
             yield family
 
-    def _pipeline(self, p: Pipeline) -> Iterator[Metric]:
-        pending = GaugeMetricFamily(
-            f"{NAMESPACE}_queue_pending_readings",
-            "Readings accepted and not yet published, per shard (POST answers 503 at capacity).",
-            labels=("shard",),
-        )
-        waiting = GaugeMetricFamily(
-            f"{NAMESPACE}_queue_waiting_readings",
-            "Readings waiting to be batched, per shard.",
-            labels=("shard",),
-        )
-        for shard, queue in enumerate(p.queues):
-            pending.add_metric((str(shard),), queue.pending)
-            waiting.add_metric((str(shard),), queue.waiting)
-        yield pending
-        yield waiting
-        yield _gauge(
-            "queue_capacity_readings",
-            "Capacity of each shard's queue.",
-            p.queues[0].capacity if p.queues else 0,
-        )
+    def _pipeline(self, p: ModelStage) -> Iterator[Metric]:
+        figures = p.queue_figures()
+        if figures:
+            pending = GaugeMetricFamily(
+                f"{NAMESPACE}_queue_pending_readings",
+                "Readings accepted and not yet published, per shard (POST answers 503 at "
+                "capacity).",
+                labels=("shard",),
+            )
+            waiting = GaugeMetricFamily(
+                f"{NAMESPACE}_queue_waiting_readings",
+                "Readings waiting to be batched, per shard.",
+                labels=("shard",),
+            )
+            capacity = GaugeMetricFamily(
+                f"{NAMESPACE}_queue_capacity_readings",
+                "Capacity of each shard's queue.",
+                labels=("shard",),
+            )
+            for name, pending_n, waiting_n, capacity_n in figures:
+                pending.add_metric((name,), pending_n)
+                waiting.add_metric((name,), waiting_n)
+                capacity.add_metric((name,), capacity_n)
+            yield pending
+            yield waiting
+            yield capacity
         batches = CounterMetricFamily(
-            f"{NAMESPACE}_batches", "Batches sent to workers, per shard.", labels=("shard",)
+            f"{NAMESPACE}_batches", "Batches sent to model processes, per shard.", labels=("shard",)
         )
         recoveries = CounterMetricFamily(
             f"{NAMESPACE}_worker_recoveries",
-            "Dead worker processes recovered from, per shard.",
+            "Dead model processes recovered from, per shard.",
             labels=("shard",),
         )
-        for b in p.batchers:
-            batches.add_metric((str(b.shard),), b.batches)
-            recoveries.add_metric((str(b.shard),), b.recoveries)
+        for r in p.runners:
+            batches.add_metric((str(r.shard),), r.batches)
+            recoveries.add_metric((str(r.shard),), r.recoveries)
         yield batches
         yield recoveries
         yield _counter(
             "poisoned_readings",
-            "Readings that killed their worker twice and got an error prediction.",
-            sum(b.poisoned for b in p.batchers),
+            "Readings that killed their model process twice and got an error prediction.",
+            sum(r.poisoned for r in p.runners),
         )
-        pool = p.pool
-        yield _counter("pool_rebuilds", "Shard worker processes replaced.", pool.rebuilds)
-        yield _gauge("shards_healthy", "Shard workers up and taking batches.", sum(pool.healthy))
-        yield _gauge("shards", "Shard workers configured.", pool.size)
+        yield _counter(
+            "pool_rebuilds", "Model processes replaced.", sum(r.rebuilds for r in p.runners)
+        )
+        yield _gauge(
+            "shards_healthy",
+            "Model processes up and taking batches.",
+            sum(r.healthy for r in p.runners),
+        )
+        yield _gauge("shards", "Model processes configured.", len(p.runners))
         yield _counter(
             "published_messages",
-            "Messages (predictions and model swaps) published to subscribers.",
-            p.publisher.published,
+            "Messages (predictions, model swaps, alarms) published to subscribers.",
+            p.published,
         )
-        yield _gauge("last_seq", "Highest seq published.", p.publisher.last_seq)
+        yield _gauge("last_seq", "Highest seq published.", p.last_seq)
 
     def _hub(self, hub: PredictionHub) -> Iterator[Metric]:
         yield _gauge("subscribers", "WebSocket subscribers connected.", len(hub.subscribers))
@@ -332,6 +372,9 @@ class _PipelineCollector(Collector):
             "slow_disconnects",
             "Subscribers closed with 1013 for falling behind (policy disconnect).",
             hub.slow_disconnects,
+        )
+        yield _gauge(
+            "alarms_active", "Alarm episodes raised and not cleared.", len(hub.alarms.active)
         )
         sensors = hub.sensors
         yield _gauge("sensors", "Sensors seen.", len(sensors))

@@ -1,4 +1,4 @@
-"""``sensorcast worker``: the compute role when scaled out on Redis.
+"""``sensorcast worker``: the Redis driver of the model stage.
 
 Readings sit in ``partitions`` Redis streams (a sensor always in the same one). Each
 partition is owned by one worker at a time through a lease (``lease:{p}``, renewed every
@@ -7,17 +7,22 @@ against one copy of its model. Workers heartbeat in ``workers`` and each takes a
 of the partitions: a new worker gets some, a stopped one hands its share over at once, and a
 dead one's leases expire and are taken over.
 
-Owning a partition:
+What happens between a batch and its predictions is the :class:`ShardRunner`'s, exactly as in
+the embedded service (partition ``p`` runs in model process ``p % workers``). Owning a
+partition:
 
 1. restore: load the partition's checkpoint (its sensors' models, and the stream id they
-   reflect) into the shard process, then replay the entries acknowledged since, so the
-   models are exactly where the previous owner left them;
+   reflect) into the model process, then replay the entries acknowledged since, so the models
+   are exactly where the previous owner left them;
 2. claim the entries the previous owner read but never acknowledged (``XAUTOCLAIM``) and
-   process them, in order, then read new ones (``XREADGROUP``);
-3. for each batch: score in the process pool, then publish the predictions and acknowledge
-   the entries in one Lua script fenced by the lease, so a batch is published exactly once
-   even if its owner dies half-way or was presumed dead;
-4. every ``checkpoint_interval_s``: save the models and trim the stream up to them.
+   process them, in order, then read new ones (``XREADGROUP``), whole entries into batches
+   of about ``batch_max_size`` readings, waiting ``batch_window_ms`` for a batch that is not
+   full, with up to ``batches_in_flight`` batches queued in the runner;
+3. for each batch, in order: publish the predictions and acknowledge the entries in one Lua
+   script fenced by the lease, so a batch is published exactly once even if its owner dies
+   half-way or was presumed dead;
+4. every ``checkpoint_interval_s`` (or ``checkpoint_max_readings``): save the partition's
+   models and trim the stream up to them.
 """
 
 from __future__ import annotations
@@ -27,29 +32,23 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import secrets
 import signal
 import socket
 import time
-from concurrent.futures import BrokenExecutor
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from app.backends.redis import GROUP, RedisBackend, decode_readings
+from app.backends.redis import GROUP, RedisBackend, entry_readings
 from app.config import Settings
-from app.pipeline.batcher import WORKER_DIED, error_predictions
-from app.pipeline.inference import (
-    BatchResult,
-    ShardPool,
-    TrainingJob,
-    drop_partition,
-    export_partition_states,
-    import_states,
-    run_batch,
-)
-from app.pipeline.publish import batch_bodies, encode_batch
+from app.metrics import Metrics
+from app.pipeline import shard, wire
+from app.pipeline.batcher import BatchObserver
+from app.pipeline.pipeline import make_runners
+from app.pipeline.runner import CheckpointCadence, Done, ShardRunner
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
@@ -65,15 +64,36 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Save a partition's checkpoint and trim its stream, fenced by the lease: a worker that lost
+# the partition without knowing it yet must not overwrite its successor's checkpoint.
+# KEYS: lease, ckpt, stream; ARGV: owner, last id, states.
+_CHECKPOINT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'states', ARGV[3])
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
+return 1
+"""
+
 Entry = tuple[bytes, dict[bytes, bytes]]
+ENTRIES_PER_READ = 64
+"""Stream entries read at once (one entry holds one request's readings for a partition)."""
 
 
 class LeaseLost(Exception):
     """Another worker owns the partition now."""
 
 
+class _Batch:
+    __slots__ = ("ids", "readings", "done")
+
+    def __init__(self, ids: list[bytes], readings: list[Reading], done: asyncio.Future[Done]):
+        self.ids = ids
+        self.readings = readings
+        self.done = done
+
+
 class Worker:
-    """One ``sensorcast worker`` process: a process pool and the partitions it owns."""
+    """One ``sensorcast worker`` process: a model process per shard and the partitions it owns."""
 
     def __init__(self, settings: Settings, backend: RedisBackend) -> None:
         self.settings = settings
@@ -83,31 +103,34 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.partitions = settings.partitions
         self.lease_ms = int(settings.lease_ttl_s * 1000)
-        self.pool = ShardPool(
-            settings.workers,
-            settings.trainer_workers,
-            settings.model,
-            settings.pool_start_timeout_s,
-            options=settings.model_options(),
-        )
+        self.runners = make_runners(settings)
         self.owned: dict[int, asyncio.Task[None]] = {}
         self._releasing: set[int] = set()
-        self._installs: dict[int, list[tuple[str, Any]]] = {}
-        self._restored: dict[int, int] = {}
-        self._shard_locks = [asyncio.Lock() for _ in range(settings.workers)]
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._save = self.redis.register_script(_CHECKPOINT)
+        self.observer: BatchObserver | None = None
         self.processed = 0
+        self.published = 0
+        self.last_seq = 0
 
     def key(self, name: str) -> str:
         return self.backend.key(name)
+
+    # -- what the metrics read (app.metrics.ModelStage) ----------------------------------------
+
+    def queue_figures(self) -> list[tuple[str, int, int, int]]:
+        return []  # the partitions' backlogs are in Redis (``backlog:{p}``)
+
+    def pending(self) -> int:
+        return 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve partitions until ``stop`` is set, then hand them over and return."""
-        await self.pool.start()
-        log.info("worker %s: pool ready, %d shards", self.id, self.pool.size)
+        await asyncio.gather(*(r.start() for r in self.runners))
+        log.info("worker %s: %d model processes ready", self.id, len(self.runners))
         try:
             while not stop.is_set():
                 try:
@@ -120,7 +143,7 @@ class Worker:
             await self._release_all()
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.key("workers"), self.id)
-            await self.pool.stop()
+            await asyncio.gather(*(r.stop() for r in self.runners))
 
     async def _balance(self) -> None:
         now_ms = int(time.time() * 1000)
@@ -171,42 +194,41 @@ class Worker:
     # -- one partition ---------------------------------------------------------------------------
 
     async def _serve(self, p: int) -> None:
-        shard = p % self.pool.size
+        runner = self.runners[p % len(self.runners)]
         stream = self.key(f"readings:{p}")
         log.info("worker %s: took partition %d", self.id, p)
+        serving = _Partition(self, p, runner)
         try:
             await self._ensure_group(stream)
-            self._restored.pop(p, None)
-            await self._ensure_restored(p, shard)
-            last_checkpoint = time.monotonic()
-            since_checkpoint = 0
-            last_id: bytes | None = None
+            await self._restore(p, runner)
             # Entries read by a previous owner and never acknowledged come first, in order.
             start: bytes | str = "0-0"
             while True:
                 reply = await self.redis.xautoclaim(
-                    stream, GROUP, self.id, min_idle_time=0, start_id=start, count=16
-                )
+                    stream, GROUP, self.id, min_idle_time=0, start_id=start,
+                    count=ENTRIES_PER_READ,
+                )  # fmt: skip
                 start, entries = reply[0], reply[1]
-                if entries:
-                    last_id = await self._process(p, shard, entries)
-                    since_checkpoint += 1
+                await serving.take(entries)
                 if start in (b"0-0", "0-0"):
                     break
+            window_s = self.settings.batch_window_ms / 1000
             while p not in self._releasing:
-                reply = await self.redis.xreadgroup(
-                    GROUP, self.id, {stream: ">"}, count=16, block=200
-                )
-                entries = reply[0][1] if reply else []
-                if entries or self._installs.get(p):
-                    last_id = await self._process(p, shard, entries) or last_id
-                    since_checkpoint += 1
-                interval = time.monotonic() - last_checkpoint
-                if last_id and since_checkpoint and interval >= self.settings.checkpoint_interval_s:
-                    await self._checkpoint(p, shard, last_id)
-                    last_checkpoint, since_checkpoint = time.monotonic(), 0
-            if last_id and since_checkpoint:
-                await self._checkpoint(p, shard, last_id)
+                # Block for new entries only when nothing is in flight to publish meanwhile.
+                entries = await self._read(stream, None if serving.in_flight else 200)
+                if entries and window_s > 0 and serving.short(entries):
+                    # Give stragglers a moment to join a batch that is not full.
+                    await asyncio.sleep(window_s)
+                    entries += await self._read(stream, None)
+                if entries:
+                    await serving.take(entries)
+                    await serving.complete(wait_all=False)
+                elif serving.in_flight:
+                    await serving.publish_oldest()
+                if serving.cadence.due():
+                    await serving.checkpoint()
+            await serving.complete(wait_all=True)
+            await serving.checkpoint()
         except LeaseLost:
             log.warning("worker %s: partition %d taken over", self.id, p)
         except asyncio.CancelledError:
@@ -216,10 +238,16 @@ class Worker:
         finally:
             self._releasing.discard(p)
             with contextlib.suppress(Exception):
-                await self.pool.submit(shard, drop_partition, p, self.partitions)
+                await runner.call(shard.drop_partition, p, self.partitions, mutates=True)
             with contextlib.suppress(RedisError, OSError):
                 await self._release(keys=[self.key(f"lease:{p}")], args=[self.id])
             self.owned.pop(p, None)
+
+    async def _read(self, stream: str, block_ms: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.id, {stream: ">"}, count=ENTRIES_PER_READ, block=block_ms
+        )
+        return list(reply[0][1]) if reply else []
 
     async def _ensure_group(self, stream: str) -> None:
         try:
@@ -228,53 +256,13 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _process(self, p: int, shard: int, entries: list[Entry]) -> bytes | None:
-        readings: list[Reading] = []
-        ids: list[bytes] = []
-        for entry_id, fields in entries:
-            ids.append(entry_id)
-            if fields:  # a claimed entry that was trimmed meanwhile has no fields
-                readings.extend(decode_readings(fields[b"r"], fields[b"m"]))
-        installs = self._installs.pop(p, [])
-        result = await self._run(p, shard, readings, installs)
-        bodies = batch_bodies(result.predictions, result.swaps)
-        first = await self.backend.publish_and_ack(
-            encode_batch(bodies), len(bodies), p, self.id, len(readings), ids
-        )
-        if first < 0:
-            raise LeaseLost
-        self.processed += len(readings)
-        for job in result.jobs:
-            self._train(p, job)
-        return ids[-1] if ids else None
-
-    async def _run(
-        self, p: int, shard: int, readings: list[Reading], installs: list[tuple[str, Any]]
-    ) -> BatchResult:
-        """Score a batch; a dead shard process is rebuilt and the batch tried once more."""
-        for _attempt in range(2):
-            await self._ensure_restored(p, shard)
-            generation = self.pool.generation[shard]
-            try:
-                result: BatchResult = await self.pool.submit(shard, run_batch, readings, installs)
-                return result
-            except BrokenExecutor:
-                async with self._shard_locks[shard]:
-                    if self.pool.generation[shard] == generation:
-                        await self.pool.rebuild(shard)
-        log.error("partition %d: a batch killed its worker twice; answering with errors", p)
-        return BatchResult(error_predictions(readings, WORKER_DIED), [], [])
-
-    async def _ensure_restored(self, p: int, shard: int) -> None:
-        """Bring the shard's copy of the partition's models up to date after a (re)start."""
-        if self._restored.get(p) == self.pool.generation[shard]:
-            return
-        generation = self.pool.generation[shard]
+    async def _restore(self, p: int, runner: ShardRunner) -> None:
+        """Bring the model process's copy of the partition's models up to date."""
         stream = self.key(f"readings:{p}")
         checkpoint = await self.redis.hgetall(self.key(f"ckpt:{p}"))
         after = checkpoint.get(b"id", b"0-0")
         if b"states" in checkpoint:
-            await self.pool.submit(shard, import_states, pickle.loads(checkpoint[b"states"]))
+            await runner.call(shard.import_states, checkpoint[b"states"], mutates=True)
         # Replay what was acknowledged since the checkpoint: not pending, already delivered.
         pending = {
             e["message_id"]
@@ -286,37 +274,134 @@ class Worker:
                 delivered = group["last-delivered-id"]
         replayed = 0
         lower = b"(" + after if after != b"0-0" else b"-"
-        while True:
+        while delivered != b"0-0":
             entries = await self.redis.xrange(stream, min=lower, max=delivered, count=256)
-            if not entries or delivered == b"0-0":
+            if not entries:
                 break
             readings: list[Reading] = []
             for entry_id, fields in entries:
-                if entry_id not in pending and fields:
-                    readings.extend(decode_readings(fields[b"r"], fields[b"m"]))
+                if entry_id not in pending:
+                    readings.extend(entry_readings(fields))
             if readings:
-                await self.pool.submit(shard, run_batch, readings, [], True)
+                blob = wire.encode_readings(readings)
+                await runner.call(shard.run_batch, blob, True, mutates=True)
                 replayed += len(readings)
             lower = b"(" + entries[-1][0]
-        self._restored[p] = generation
         if replayed or b"states" in checkpoint:
             log.info("partition %d: restored (%d readings replayed)", p, replayed)
 
-    async def _checkpoint(self, p: int, shard: int, last_id: bytes) -> None:
-        states = await self.pool.submit(shard, export_partition_states, p, self.partitions)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                self.key(f"ckpt:{p}"), mapping={"id": last_id, "states": pickle.dumps(states)}
-            )
-            pipe.xtrim(self.key(f"readings:{p}"), minid=last_id, approximate=False)
-            await pipe.execute()
 
-    def _train(self, p: int, job: TrainingJob) -> None:
-        def deliver(fitted: Any) -> None:
-            if p in self.owned:  # the partition may have moved to another worker meanwhile
-                self._installs.setdefault(p, []).append((job.sensor_id, fitted))
+class _Partition:
+    """The batches of one owned partition: submitted in order, published-and-acked in order."""
 
-        self.pool.train(job, deliver)
+    def __init__(self, worker: Worker, p: int, runner: ShardRunner) -> None:
+        self.worker = worker
+        self.p = p
+        self.runner = runner
+        settings = worker.settings
+        self.max_size = settings.batch_max_size
+        self.max_in_flight = settings.batches_in_flight
+        self.cadence = CheckpointCadence(
+            settings.checkpoint_max_readings, settings.checkpoint_interval_s
+        )
+        self.in_flight: deque[_Batch] = deque()
+        self.last_acked: bytes | None = None
+
+    async def take(self, entries: list[Entry]) -> None:
+        """Cut entries into batches of whole entries, about ``batch_max_size`` readings each."""
+        ids: list[bytes] = []
+        readings: list[Reading] = []
+        for entry_id, fields in entries:
+            # A claimed entry that was trimmed meanwhile has no fields.
+            more = entry_readings(fields) if fields else []
+            if readings and len(readings) + len(more) > self.max_size:
+                await self._submit(ids, readings)
+                ids, readings = [], []
+            ids.append(entry_id)
+            readings.extend(more)
+        if ids:
+            await self._submit(ids, readings)
+
+    def short(self, entries: list[Entry]) -> bool:
+        """Fewer readings than a full batch (a cheap upper bound on the count)."""
+        return (
+            len(entries) < ENTRIES_PER_READ
+            and sum(len(fields.get(b"m", b"")) for _, fields in entries) < self.max_size
+        )
+
+    async def _submit(self, ids: list[bytes], readings: list[Reading]) -> None:
+        while len(self.in_flight) >= self.max_in_flight:
+            await self.publish_oldest()
+        done: asyncio.Future[Done]
+        if readings:
+            done = self.runner.submit(readings)
+        else:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(Done(wire.BatchOutcome(b"", 0, 0, 0), None))
+        self.in_flight.append(_Batch(ids, readings, done))
+
+    async def complete(self, wait_all: bool) -> None:
+        """Publish the batches that are done (all of them, with ``wait_all``)."""
+        while self.in_flight and (wait_all or self.in_flight[0].done.done()):
+            await self.publish_oldest()
+
+    async def publish_oldest(self) -> None:
+        """Wait for the oldest batch in flight, publish its predictions, ack its entries."""
+        batch = self.in_flight[0]
+        done = await batch.done
+        outcome = done.outcome
+        worker = self.worker
+        first = await worker.backend.publish_and_ack(
+            outcome.payload, outcome.messages, self.p, worker.id, len(batch.readings), batch.ids
+        )
+        if first < 0:
+            raise LeaseLost
+        self.in_flight.popleft()
+        self.last_acked = batch.ids[-1]
+        worker.processed += len(batch.readings)
+        if outcome.messages:
+            worker.published += outcome.messages
+            worker.last_seq = max(worker.last_seq, first + outcome.messages - 1)
+        self.cadence.add(len(batch.readings))
+        if worker.observer is not None and batch.readings:
+            worker.observer(batch.readings, done)
+
+    async def checkpoint(self) -> None:
+        """Save the partition's models as of the last acknowledged entry; trim the stream."""
+        await self.complete(wait_all=True)
+        if self.last_acked is None or not self.cadence.readings:
+            return
+        worker, p = self.worker, self.p
+        states = await self.runner.call(shard.export_states, p, worker.partitions)
+        keys = [worker.key(f"lease:{p}"), worker.key(f"ckpt:{p}"), worker.key(f"readings:{p}")]
+        if not await worker._save(keys=keys, args=[worker.id, self.last_acked, states]):
+            raise LeaseLost
+        self.cadence.reset()
+
+
+async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
+    """``GET /metrics`` and ``GET /healthz`` of a worker, on their own small server."""
+    import uvicorn
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def scrape(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the worker handles SIGTERM itself (hand its partitions over)
+
+    app = Starlette(routes=[Route("/metrics", scrape), Route("/healthz", healthz)])
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    await _Server(config).serve()
 
 
 async def run_worker(settings: Settings) -> int:
@@ -324,13 +409,24 @@ async def run_worker(settings: Settings) -> int:
     backend = RedisBackend(settings.backend, timeout_s=settings.redis_timeout_s)
     await backend.connect()
     worker = Worker(settings, backend)
+    metrics = Metrics()
+    worker.observer = metrics.observe_batch
+    metrics.bind(worker, None, None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server: asyncio.Task[None] | None = None
+    if settings.metrics_port is not None:
+        server = asyncio.create_task(
+            _serve_metrics(metrics, settings.host, settings.metrics_port), name="metrics"
+        )
     try:
         await worker.run(stop)
     finally:
+        if server is not None:
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
         await backend.disconnect()
     log.info("worker %s: stopped after %d readings", worker.id, worker.processed)
     return 0

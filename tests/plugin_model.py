@@ -16,7 +16,10 @@ UNLUCKY = 13.0
 
 
 class LastValue:
-    """Forecast: the last value. Score: distance from the fitted mean, in fitted std units."""
+    """Forecast: the last value. Score: distance from the fitted mean, in fitted std units.
+
+    It fits once, inline, when ``warmup_readings`` readings are in.
+    """
 
     def __init__(self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions) -> None:
         self.sensor_id = sensor_id
@@ -25,38 +28,29 @@ class LastValue:
         self.options = options
         self.seen: list[list[float]] = []
         self.fitted: tuple[FloatArray, FloatArray] | None = None
-        self.pending = False
-        self.since = 0
 
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
         if np.any(values == UNLUCKY):
             # Raise before changing any state, so the service can retry reading by reading.
             raise ValueError("unlucky value")
-        self.seen.extend(values.tolist())
-        self.since += len(values)
-        k = len(values)
-        if self.fitted is None:
-            return Observation(np.full(values.shape, np.nan), np.full(k, np.nan), np.zeros(k, bool))
-        mean, std = self.fitted
-        z = np.abs((values - mean) / std).max(axis=1)
-        return Observation(values.copy(), np.tanh(z / 4), z > 4)
-
-    def training_job(self, now: float) -> Any | None:
-        if self.pending or self.since < self.options.warmup_readings:
-            return None
-        self.pending, self.since = True, 0
-        return np.array(self.seen[-self.options.history_readings :])
-
-    def install(self, fitted: Any) -> bool:
-        self.pending = False
-        self.fitted = fitted
-        self.version += 1
-        return True
-
-    @staticmethod
-    def fit(job: Any) -> Any:
-        window: FloatArray = job
-        return window.mean(axis=0), np.maximum(window.std(axis=0), 1e-9)
+        forecast, score, flag = [], [], []
+        for row in values:
+            self.seen.append(row.tolist())
+            if self.fitted is None:
+                forecast.append(np.full(len(row), np.nan))
+                score.append(np.nan)
+                flag.append(False)
+                if len(self.seen) >= self.options.warmup_readings:
+                    window = np.array(self.seen[-self.options.history_readings :])
+                    self.fitted = window.mean(axis=0), np.maximum(window.std(axis=0), 1e-9)
+                    self.version += 1
+                continue
+            mean, std = self.fitted
+            z = float(np.abs((row - mean) / std).max())
+            forecast.append(row.copy())
+            score.append(float(np.tanh(z / 4)))
+            flag.append(z > 4)
+        return Observation(np.array(forecast), np.array(score), np.array(flag, dtype=bool))
 
     def state(self) -> Any:
         return {"version": self.version, "seen": self.seen, "fitted": self.fitted}

@@ -9,7 +9,7 @@ import pytest
 from app.backends.memory import MemoryBackend
 from app.config import SlowClientPolicy
 from app.pipeline.hub import History, PredictionHub, SensorFilter, Subscriber
-from app.pipeline.publish import Message
+from app.pipeline.wire import Message
 
 
 def messages(first: int, count: int, sensors: int = 3) -> list[Message]:

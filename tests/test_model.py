@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
 
+from app.models.alarms import AlarmOptions
 from app.models.base import ModelOptions, ModelPathError, load_model_class
 from app.models.ridge import (
     OMEGA,
     WINDOW,
     Fitted,
     RidgeForecaster,
-    TrainingJob,
     _expect,
     fit_window,
 )
@@ -26,8 +27,8 @@ OPTIONS = ModelOptions(
 
 def drive(
     model: RidgeForecaster, ts: np.ndarray, values: np.ndarray, chunk: int = 5
-) -> dict[str, np.ndarray]:
-    """Feed readings in chunks, fitting and installing each training job at once."""
+) -> dict[str, Any]:
+    """Feed readings in chunks; the model refits inline where it is due."""
     k, c = values.shape
     out = {
         "forecast": np.full((k, c), np.nan),
@@ -35,16 +36,17 @@ def drive(
         "flag": np.zeros(k, dtype=bool),
         "version": np.zeros(k, dtype=int),
     }
+    alarms: list[Any] = []
+    explanations: list[Any] = []
     for i in range(0, k, chunk):
         obs = model.observe(ts[i : i + chunk], values[i : i + chunk])
         out["forecast"][i : i + chunk] = np.asarray(obs.forecast, dtype=float).reshape(-1, c)
         out["score"][i : i + chunk] = obs.score
         out["flag"][i : i + chunk] = obs.is_anomaly
-        out["version"][i : i + chunk] = model.version
-        job = model.training_job(now=float(i))
-        if job is not None:
-            model.install(RidgeForecaster.fit(job))
-    return out
+        out["version"][i : i + chunk] = obs.versions
+        explanations.extend(obs.explanation or [])
+        alarms.extend((i + row, event) for row, event in obs.alarms or [])
+    return {**out, "alarms": alarms, "explanation": explanations}
 
 
 def noise(n: int, seed: int = 0, level: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,21 +56,35 @@ def noise(n: int, seed: int = 0, level: float = 10.0) -> tuple[np.ndarray, np.nd
 
 
 def test_warms_up_then_scores() -> None:
-    """Scores are NaN until the first fit at warmup_readings, then finite and in [0, 1]."""
+    """Scores are NaN until the first fit, made inline at warmup_readings; then in [0, 1]."""
     ts, values = noise(200)
     model = RidgeForecaster("s", ("value",), OPTIONS)
     obs = model.observe(ts[:63], values[:63])
-    assert np.isnan(obs.score).all() and np.isnan(obs.forecast).all()
-    assert model.training_job(now=0.0) is None
-    model.observe(ts[63:64], values[63:64])
-    job = model.training_job(now=0.0)
-    assert isinstance(job, TrainingJob) and len(job.values) == 64
-    assert model.training_job(now=0.0) is None, "a second job while one is outstanding"
-    assert model.install(RidgeForecaster.fit(job)) and model.version == 1
+    assert np.isnan(obs.score).all() and np.isnan(obs.forecast).all() and model.version == 0
+    obs = model.observe(ts[63:64], values[63:64])
+    assert model.version == 1 and obs.versions == [0], "fitted right after the 64th reading"
     obs = model.observe(ts[64:100], values[64:100])
     score = np.asarray(obs.score)
     assert np.isfinite(score).all() and ((score >= 0) & (score <= 1)).all()
     assert abs(float(np.mean(obs.forecast)) - 10.0) < 1.0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_predictions_do_not_depend_on_how_readings_are_split(channels: int) -> None:
+    """One reading per call, 7 per call or all at once: the same predictions, fits included."""
+    sim = SensorSim("s", channels=channels, seed=21, anomaly_rate=0.01)
+    ts, values, _ = sim.take(1_500)
+    runs = [
+        drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values, chunk)
+        for chunk in (1, 7, 1_500)
+    ]
+    for other in runs[1:]:
+        for key in ("forecast", "score"):
+            assert np.array_equal(runs[0][key], other[key], equal_nan=True), key
+        for key in ("flag", "version"):
+            assert np.array_equal(runs[0][key], other[key]), key
+        assert list(runs[0]["alarms"]) == list(other["alarms"])
+    assert runs[0]["version"].max() >= 4
 
 
 def test_forecast_beats_persistence_on_a_daily_cycle() -> None:
@@ -125,22 +141,28 @@ def test_a_spike_does_not_spoil_the_next_forecasts() -> None:
     assert not out["flag"][651:660].any()
 
 
+def fit_points(model: RidgeForecaster, ts: np.ndarray, values: np.ndarray) -> list[int]:
+    """Readings (1-based counts) after which the model fitted, fed one at a time."""
+    points = []
+    for i in range(len(values)):
+        before = len(model.fit_seconds)
+        model.observe(ts[i : i + 1], values[i : i + 1])
+        if len(model.fit_seconds) > before:
+            points.append(i + 1)
+    return points
+
+
 def test_retrains_after_r_readings_and_early_on_drift() -> None:
-    """A job is due after retrain_every_readings, and sooner when the residuals drift."""
-    options = OPTIONS._replace(retrain_every_readings=300)
+    """Fits at warm-up, each time the readings seen doubled, then every retrain_every_readings;
+    sooner when the residuals drift (alarms out of the way: they hold refits while raised)."""
+    options = OPTIONS._replace(
+        retrain_every_readings=300, alarms=AlarmOptions(raise_count=1000, raise_window=1000)
+    )
     ts, values = noise(1_500, seed=6)
     model = RidgeForecaster("s", ("value",), options)
-    jobs = []
-    for i in range(0, 900, 10):
-        model.observe(ts[i : i + 10], values[i : i + 10])
-        job = model.training_job(now=0.0)
-        if job is not None:
-            jobs.append(i + 10)
-            model.install(RidgeForecaster.fit(job))
-    # While the window fills, a refit each time it has doubled; then every 300 readings.
-    assert jobs == [70, 140, 280, 560, 860]
-    assert model.version >= 4
+    assert fit_points(model, ts[:900], values[:900]) == [64, 128, 256, 512, 812]
     steady = model.version
+    assert steady >= 4
 
     ts2, values2 = noise(400, seed=7)
     drift = 10.0 + np.linspace(0, 30, 400)[:, None] + values2 - 10.0
@@ -150,16 +172,12 @@ def test_retrains_after_r_readings_and_early_on_drift() -> None:
     assert first_new < 150, "the drift should trigger a refit well before 300 readings"
 
 
-def test_time_triggers_a_refit() -> None:
-    """After retrain_interval_s, a refit is due if readings came in."""
-    options = OPTIONS._replace(retrain_interval_s=10.0)
-    ts, values = noise(120, seed=8)
+def test_event_time_triggers_a_refit() -> None:
+    """After retrain_interval_s of the readings' own time, a refit is due (at least 16 new)."""
+    options = OPTIONS._replace(retrain_interval_s=10 * 60.0)  # readings are 60 s apart
+    ts, values = noise(130, seed=8)
     model = RidgeForecaster("s", ("value",), options)
-    model.observe(ts[:100], values[:100])
-    model.install(RidgeForecaster.fit(model.training_job(now=0.0)))
-    model.observe(ts[100:], values[100:])
-    assert model.training_job(now=5.0) is None
-    assert model.training_job(now=11.0) is not None
+    assert fit_points(model, ts, values) == [64, 80, 96, 112, 128]
 
 
 def test_a_worse_candidate_is_not_installed() -> None:
@@ -172,10 +190,6 @@ def test_a_worse_candidate_is_not_installed() -> None:
     window[:384, 0] = 10 + np.cumsum(rng.normal(0, 5, 384)) * np.sign(np.arange(384) % 7 - 3)
     candidate = fit_window(ts[:512], window, current)
     assert not candidate.accepted and candidate.error_new > candidate.error_current
-    model = RidgeForecaster("s", ("value",), OPTIONS)
-    drive(model, ts[:100], good[:100])
-    version = model.version
-    assert not model.install(candidate) and model.version == version
 
 
 def test_a_late_reading_is_scored_but_leaves_the_window_alone() -> None:
@@ -264,3 +278,40 @@ def test_stuck_event_holds_the_value() -> None:
     for e in stuck:
         held = values[e.start : e.end, e.channel]
         assert (held == held[0]).all()
+
+
+def test_explanation_names_the_perturbed_channel() -> None:
+    """A spike on one channel of four is explained by that channel, shares summing to 1."""
+    sim = SensorSim("s", channels=4, seed=13, anomaly_rate=0.0)
+    ts, values, _ = sim.take(900)
+    values[850, 1] += 12 * sim.noise[1]
+    out = drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values)
+    assert out["flag"][850]
+    explanation = out["explanation"][850]
+    assert explanation and explanation[0][0] == sim.names[1]
+    assert sum(share for _, _, share in explanation) == pytest.approx(1.0, abs=1e-3)
+    assert [share for _, _, share in explanation] == sorted(
+        (share for _, _, share in explanation), reverse=True
+    )
+    assert all(detector in DETECTORS for _, detector, _ in explanation)
+    assert out["explanation"][840] == ()
+
+
+DETECTORS = {"spike", "level", "drift", "noise", "stuck", "multi-channel"}
+
+
+def test_a_sustained_shift_raises_one_alarm_held_until_it_ends() -> None:
+    """A 1 Hz sensor's channels shift together for 300 readings: one alarm, raised at the
+    start, held while the shift lasts (the detectors follow it within a minute), cleared after."""
+    sim = SensorSim("s", channels=3, seed=31, anomaly_rate=0.0, interval_s=1.0)
+    ts, values, _ = sim.take(2_000)
+    start, end = 1_200, 1_500
+    values[start:end] += 6 * sim.noise
+    out = drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values)
+    alarms = list(out["alarms"])
+    assert [e.state for _, e in alarms] == ["raised", "cleared"], alarms
+    (raised_at, raised), (cleared_at, cleared) = alarms
+    assert start <= raised_at < start + 10
+    assert end <= cleared_at < end + 30 and cleared.reason == "recovered"
+    assert raised.alarm_id == cleared.alarm_id and cleared.peak_score > 0.5
+    assert cleared.detectors and set(cleared.detectors) <= DETECTORS

@@ -9,13 +9,25 @@ import os
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import Server, collect, connect, receive_json
+from tests.conftest import (
+    RedisServer,
+    Server,
+    collect,
+    connect,
+    receive_json,
+    start_server,
+    start_worker,
+    stop_process,
+)
 from tests.models import POISON
 
 
@@ -154,52 +166,57 @@ async def test_killed_worker_is_rebuilt_and_nothing_accepted_is_lost(server_fact
             raise AssertionError(f"{p['sensor_id']} went back to {p['status']} after recovery")
 
 
-async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(server_factory) -> None:
-    """A reading that kills its worker every time gets status error; its neighbours don't."""
-    srv: Server = server_factory(model="tests.models:Poisoned", workers="1")
-    body = [{"sensor_id": f"p{i % 5}", "value": float(i), "id": str(i)} for i in range(300)]
-    body[137]["value"] = POISON
-    async with (
-        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
-        connect(srv.ws_url) as ws,
-    ):
-        await receive_json(ws)
-        r = await client.post("/v1/readings", json=body)
-        assert r.status_code == 202
-        got = await collect(ws, 300, timeout_s=60)
-        ready = await readyz(client)
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(
+    backend: str, tmp_path: Path
+) -> None:
+    """A reading that kills its model process every time gets status error, on either
+    topology; its neighbours in the same batch are predicted."""
+    env = {"SENSORCAST_MODEL": "tests.models:Poisoned", "SENSORCAST_WORKERS": "1"}
+    with poisoned_topology(backend, tmp_path, env) as srv:
+        body = [{"sensor_id": f"p{i % 5}", "value": float(i), "id": str(i)} for i in range(300)]
+        body[137]["value"] = POISON
+        async with (
+            httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
+            connect(srv.ws_url) as ws,
+        ):
+            await receive_json(ws)
+            r = await client.post("/v1/readings", json=body)
+            assert r.status_code == 202
+            got = await collect(ws, 300, timeout_s=60)
+            ready = await readyz(client)
     by_id = {int(p["id"]): p for p in got}
     assert sorted(by_id) == list(range(300))
     assert by_id[137]["status"] == "error"
-    assert "worker process died" in by_id[137]["reason"]
+    assert "model process died" in by_id[137]["reason"]
     assert all(p["status"] != "error" for i, p in by_id.items() if i != 137)
-    assert ready.status_code == 200 and ready.json()["pool"]["rebuilds"] >= 2
+    assert ready.status_code == 200
+    if backend == "memory":
+        assert ready.json()["pool"]["rebuilds"] >= 2
 
 
-async def test_killed_trainer_is_replaced(server_factory) -> None:
-    """SIGKILL the trainer: new sensors still get fitted models (leave warm-up)."""
-    srv: Server = server_factory(workers="1")
-    async with (
-        httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
-        connect(f"{srv.ws_url}?sensor=t-*") as ws,
-    ):
-        await receive_json(ws)
-        [trainer] = (await readyz(client)).json()["pool"]["trainer_pids"]
-        os.kill(trainer, signal.SIGKILL)
-        await asyncio.sleep(0.2)
-        deadline = time.monotonic() + 30
-        status = "warming_up"
-        i = 0
-        while status != "ok":
-            assert time.monotonic() < deadline, "no model was fitted after the trainer died"
-            await client.post(
-                "/v1/readings", json=[{"sensor_id": "t-1", "value": float(i % 3)}] * 20
-            )
-            got = await collect(ws, 20)
-            status = got[-1]["status"]
-            i += 1
-        pool = (await readyz(client)).json()["pool"]
-    assert pool["trainer_pids"] != [trainer]
+@contextlib.contextmanager
+def poisoned_topology(backend: str, tmp: Path, env: dict[str, str]) -> Iterator[Server]:
+    if backend == "memory":
+        srv = start_server(tmp, env)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+        return
+    redis = RedisServer(tmp)
+    redis.start()
+    env = {**env, "SENSORCAST_BACKEND": redis.url, "SENSORCAST_PARTITIONS": "2"}
+    worker = start_worker(tmp, env)
+    try:
+        srv = start_server(tmp, env)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        stop_process(worker)
+        redis.stop()
 
 
 async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory) -> None:
@@ -230,7 +247,8 @@ async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory
 
 
 async def test_workers_never_outlive_a_killed_service(server_factory) -> None:
-    """SIGKILL the service (after one worker was replaced): its workers exit by themselves."""
+    """SIGKILL the service (after one model process was replaced): its model processes exit
+    by themselves."""
     srv: Server = server_factory()
     async with httpx.AsyncClient(base_url=srv.url) as client:
         first = (await readyz(client)).json()["pool"]["shard_pids"][0]
@@ -242,7 +260,7 @@ async def test_workers_never_outlive_a_killed_service(server_factory) -> None:
             )
             await asyncio.sleep(0.05)
         pool = r.json()["pool"]
-    pids = [*pool["shard_pids"], *pool["trainer_pids"]]
+    pids = pool["shard_pids"]
     srv.stop(signal.SIGKILL)
     deadline = time.monotonic() + 10
     alive = pids

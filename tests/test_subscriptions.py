@@ -81,7 +81,7 @@ async def test_resume_mid_stream_is_exact(server: Server, http: httpx.AsyncClien
                     assert again["type"] == "hello" and again["epoch"] == epoch
                     while len(got) < total:
                         m = await receive_json(ws)
-                        assert m["type"] in ("prediction", "model"), m
+                        assert m["type"] in ("prediction", "model", "alarm"), m
                         since = m["seq"]
                         if m["type"] == "model":
                             continue
@@ -99,11 +99,11 @@ async def test_resume_mid_stream_is_exact(server: Server, http: httpx.AsyncClien
 
 
 async def _all_messages(ws: Any, predictions: int) -> list[dict[str, Any]]:
-    """Predictions and model frames until ``predictions`` predictions arrived."""
+    """Predictions, model and alarm frames until ``predictions`` predictions arrived."""
     out: list[dict[str, Any]] = []
     count = 0
     while count < predictions:
-        [m] = await collect(ws, 1, kinds=("prediction", "model"))
+        [m] = await collect(ws, 1, kinds=("prediction", "model", "alarm"))
         out.append(m)
         count += m["type"] == "prediction"
     return out
@@ -117,7 +117,7 @@ async def test_gap_when_since_is_older_than_the_history(server_factory) -> None:
         await post_all(http, readings("g", 300, sensors=3))
         seen = await _all_messages(live, 300)
         await asyncio.sleep(0.3)
-        seen += await quiet(live, 0.2, kinds=("prediction", "model"))
+        seen += await quiet(live, 0.2, kinds=("prediction", "model", "alarm"))
     latest = seen[-1]["seq"]
     async with connect(f"{srv.ws_url}?since=5") as ws:
         hello = await receive_json(ws)
@@ -175,7 +175,7 @@ async def test_since_ahead_in_the_same_epoch_skips_what_the_client_has(server_fa
         async with connect(f"{srv.ws_url}?since={ahead}&epoch={hello['epoch']}") as ws:
             await receive_json(ws)
             await post_all(http, readings("a", 50, sensors=1))
-            got = await collect(ws, 30, kinds=("prediction", "model"))
+            got = await collect(ws, 30, kinds=("prediction", "model", "alarm"))
             got += await messages_until_quiet(ws)
     last = got[-1]["seq"]
     assert last >= ahead + 30
@@ -260,7 +260,7 @@ def _accounted(drained: list[dict[str, Any]]) -> int:
     return sum(
         m["dropped"] if m["type"] == "lagged" else 1
         for m in drained
-        if m["type"] in ("prediction", "model", "lagged")
+        if m["type"] in ("prediction", "model", "alarm", "lagged")
     )
 
 
@@ -286,7 +286,7 @@ async def test_a_client_that_never_reads_slows_nothing(server_factory) -> None:
         await post_all(http, readings("slow", n, sensors=200, start=start))
         got = await _all_messages(ws, n)
         elapsed = time.perf_counter() - t0
-        got += await quiet(ws, 0.3, kinds=("prediction", "model"))
+        got += await quiet(ws, 0.3, kinds=("prediction", "model", "alarm"))
         messages.extend(got)
         done.set()
         await sampler
@@ -338,7 +338,7 @@ async def test_slow_client_policy(server_factory, policy: str) -> None:
             for i in range(0, n, 500):
                 await post_all(http, sent[i : i + 500])
                 got += await _all_messages(fast, 500)
-            got += await quiet(fast, 0.3, kinds=("prediction", "model"))
+            got += await quiet(fast, 0.3, kinds=("prediction", "model", "alarm"))
             drained = await _drain(slow)
         finally:
             slow.close()
@@ -365,7 +365,9 @@ async def test_slow_client_policy(server_factory, policy: str) -> None:
         # drop_oldest keeps the newest: the stream ends with the last readings posted.
         # drop_oldest keeps the newest: after the last notice, the stream ends without holes.
         last_notice = max(i for i, m in enumerate(drained) if m["type"] == "lagged")
-        tail = [m["seq"] for m in drained[last_notice:] if m["type"] == "prediction"]
+        tail = [
+            m["seq"] for m in drained[last_notice:] if m["type"] in ("prediction", "model", "alarm")
+        ]
         newest = sorted(m["seq"] for m in got)[-len(tail) :]
         assert tail and tail == newest
 

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from app.api.auth import Scope, require
+from app.access import Scope
+from app.api.auth import require
 from app.metrics import Metrics
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"

@@ -6,13 +6,36 @@ from typing import Annotated, Any, Protocol, TypedDict
 
 from fastapi import Depends, Request, WebSocket
 
+from app.backends.base import Backend
 from app.config import Settings
+from app.metrics import ModelStage
+from app.pipeline.batcher import BatchObserver
 from app.pipeline.hub import PredictionHub
 from app.schemas import Reading
 
 
 class Ingest(Protocol):
-    """What the API needs of the model stage: the embedded ``Pipeline`` or ``RemoteIngest``."""
+    """What the API needs of the model stage: the embedded ``Pipeline`` or ``RemoteIngest``
+    (chosen by the backend's scheme, see ``app/backends/__init__.py``)."""
+
+    observer: BatchObserver | None
+    """Told of each batch published here (the embedded topology only)."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None: ...
+
+    @property
+    def stage(self) -> ModelStage | None:
+        """The model stage running in this process, for the metrics; None on Redis."""
+        ...
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq published from this process (0 where it publishes nothing)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
     async def offer(self, readings: list[Reading]) -> tuple[int, int]: ...
 

@@ -23,10 +23,11 @@ from starlette.datastructures import QueryParams
 from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
-from app.api.auth import Scope, websocket_denial
+from app.access import Scope
+from app.api.auth import websocket_denial
 from app.api.deps import WsHubDep
 from app.pipeline.hub import PredictionHub, SensorFilter, Subscriber
-from app.pipeline.publish import Message
+from app.pipeline.wire import Message
 from app.schemas import SENSOR_ID_PATTERN
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from app.api.auth import Scope, require
+from app.access import Scope
+from app.api.auth import require
 from app.api.deps import Ingest
 from app.config import Settings
 from app.metrics import Metrics, count_refusal

@@ -25,16 +25,16 @@ import asyncio
 import logging
 import secrets
 import time
-import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.backends.base import Numbered
+from app.pipeline.routing import shard_of
+from app.pipeline.wire import decode_readings, encode_readings
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
@@ -124,23 +124,21 @@ redis.call('DECRBY', prefix .. 'backlog:' .. p, tonumber(ARGV[7]))
 return first
 """
 
-_readings_encoder = msgspec.msgpack.Encoder()
-_readings_decoder = msgspec.msgpack.Decoder(list[Reading])
-
 
 def partition_of(sensor_id: str, partitions: int) -> int:
-    """The partition a sensor's readings go to.
+    """The partition a sensor's readings go to (see ``app/pipeline/routing.py``)."""
+    return shard_of(sensor_id, partitions)
 
-    Examples:
-        >>> partition_of("pump-7", 16) == partition_of("pump-7", 16)
-        True
+
+def entry_readings(fields: dict[bytes, bytes]) -> list[Reading]:
+    """The readings of a stream entry, less the ones that were duplicates.
+
+    An entry holds one request's readings for one partition (``r``, packed as
+    :func:`app.pipeline.wire.encode_readings` packs a batch) and a mask (``m``) of the ones
+    already accepted before (``1``).
     """
-    return zlib.crc32(sensor_id.encode()) % partitions
-
-
-def decode_readings(payload: bytes, mask: bytes) -> list[Reading]:
-    """The readings of a stream entry, less the ones that were duplicates."""
-    readings = _readings_decoder.decode(payload)
+    readings = decode_readings(fields[b"r"])
+    mask = fields[b"m"]
     if b"1" not in mask:
         return readings
     keep = ord("0")
@@ -153,6 +151,8 @@ class RedisUnavailable(Exception):
 
 class RedisBackend:
     """The shared backend for API replicas and workers."""
+
+    OPTIONS = ("timeout_s",)
 
     def __init__(
         self,
@@ -314,7 +314,7 @@ class RedisBackend:
             chunks.setdefault(partition_of(r.sensor_id, partitions), []).append(r)
         args: list[Any] = [self.prefix, int(dedup_ttl_s), capacity, len(chunks)]
         for p, chunk in chunks.items():
-            args += [p, _readings_encoder.encode(chunk), len(chunk)]
+            args += [p, encode_readings(chunk), len(chunk)]
             args += ["" if r.id is None else f"{r.sensor_id}|{r.id}" for r in chunk]
         try:
             accepted, duplicates = await asyncio.wait_for(self._ingest(args=args), self.timeout_s)

@@ -1,11 +1,12 @@
 """The model Protocol.
 
 A model is a class, named by ``SENSORCAST_MODEL=module:Class``. The service makes one
-instance per sensor, inside the worker process that owns the sensor, and calls it with the
-sensor's readings in order. Fitting happens elsewhere: the instance hands out a picklable
-training job when it wants one, the class's ``fit`` runs it in a trainer process, and the
-result comes back through ``install`` between two batches, so a swap is atomic with respect
-to predictions.
+instance per sensor, inside the model process that owns the sensor, and calls ``observe``
+with the sensor's readings in ``ts`` order of arrival. The model refits itself inline, inside
+``observe``, at points that depend only on its own readings (a count of readings, or event
+time from their ``ts``), never on how readings were batched or how fast they came: so a
+sensor's predictions are the same however its history was posted, and a process rebuilt from a
+checkpoint and a replay of the readings since ends up exactly where the lost one was.
 
 The constructor also gets the :class:`ModelOptions` taken from the settings (history length,
 warm-up, retraining cadence); a model may ignore them.
@@ -17,17 +18,11 @@ A minimal model::
             self.channels, self.version, self.last = channels, 0, None
 
         def observe(self, ts, values):
-            k, c = values.shape
-            forecast = np.repeat(values[-1:], k, axis=0) if k else values
-            ...
+            ...   # refit here when due; bump self.version when a new fit is in use
             return Observation(forecast, score, is_anomaly)
 
-        def training_job(self, now): return None
-        def install(self, fitted): return False
         def state(self): return self.last
         def restore(self, state): self.last = state
-        @staticmethod
-        def fit(job): raise NotImplementedError
 
 ``tests/plugin_model.py`` is a complete example, run end to end by the tests.
 """
@@ -39,6 +34,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
+
+from app.models.alarms import AlarmEvent, AlarmOptions, Explanation
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -53,8 +50,10 @@ class ModelOptions(NamedTuple):
     """Readings needed before the first fit; predictions are ``warming_up`` until it lands."""
     retrain_every_readings: int = 2000
     """Refit after this many new readings."""
-    retrain_interval_s: float = 600.0
-    """Refit after this long (wall clock), if any new readings came in."""
+    alarms: AlarmOptions = AlarmOptions()
+    """When anomalies make an alarm episode (raised, held, cleared)."""
+    retrain_interval_s: float = 86_400.0
+    """Refit after this much event time (the readings' own ``ts``), if new readings came in."""
 
 
 class Observation(NamedTuple):
@@ -72,6 +71,15 @@ class Observation(NamedTuple):
     """(k,): anomaly score in [0, 1] of each reading against what the model expected of it."""
     is_anomaly: BoolArray
     """(k,)"""
+    explanation: list[Explanation] | None = None
+    """(k,) optional: for each anomalous row, what drove its score; see :data:`Explanation`."""
+    versions: list[int] | None = None
+    """(k,) optional: the model version that scored each row. A model that refits inside a
+    call says so here, so that each prediction carries the version that made it; without it,
+    every row carries the version after the call."""
+    alarms: list[tuple[int, AlarmEvent]] | None = None
+    """Optional: alarm transitions the model tracked itself, as (row, event). A model that
+    leaves it None gets the service's own tracker, run over its flags and scores."""
 
 
 @runtime_checkable
@@ -89,22 +97,13 @@ class SensorModel(Protocol):
             ts: (k,) epoch seconds, as sent (not necessarily increasing).
             values: (k, c) finite values, columns in ``channels`` order.
 
+        Refits inline when due (see the module docstring) and bumps ``version`` each time a
+        new fit is put in use.
+
         Raises:
-            Exception: any error; the service then retries reading by reading and marks the
-                readings that still fail with ``status: "error"``.
+            Exception: any error, before changing any state; the service then retries reading
+                by reading and marks the readings that still fail with ``status: "error"``.
         """
-        ...
-
-    def training_job(self, now: float) -> Any | None:
-        """A picklable job when the model wants refitting now, else None.
-
-        Called after each ``observe``. Return None again until ``install`` is called: the
-        service does not queue a second job for a sensor with one outstanding.
-        """
-        ...
-
-    def install(self, fitted: Any) -> bool:
-        """Swap in the result of ``fit``; return False to keep the current model."""
         ...
 
     def state(self) -> Any:
@@ -117,16 +116,11 @@ class SensorModel(Protocol):
 
 
 class SensorModelClass(Protocol):
-    """The class itself: a constructor and a static ``fit``."""
+    """The class itself: its constructor."""
 
     def __call__(
         self, sensor_id: str, channels: tuple[str, ...], options: ModelOptions
     ) -> SensorModel: ...
-
-    @staticmethod
-    def fit(job: Any) -> Any:
-        """Fit a model from a job made by ``training_job``; runs in a trainer process."""
-        ...
 
 
 class ModelPathError(ValueError):
@@ -152,9 +146,7 @@ def load_model_class(path: str) -> SensorModelClass:
     if not isinstance(cls, type):
         raise ModelPathError(f"{path} is not a class")
     missing = [
-        name
-        for name in ("observe", "training_job", "install", "state", "restore", "fit")
-        if not callable(getattr(cls, name, None))
+        name for name in ("observe", "state", "restore") if not callable(getattr(cls, name, None))
     ]
     if missing:
         raise ModelPathError(f"{path} is not a model class: missing {', '.join(missing)}")

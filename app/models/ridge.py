@@ -34,22 +34,42 @@ Order
     the current one, but it never enters the window or the detectors' state.
 
 Retraining
-    Every ``retrain_every_readings`` readings or ``retrain_interval_s`` seconds, and early when
-    the CUSUM says the residuals drift. A candidate replaces the current model only if its
-    median absolute error on the last quarter of the window (which the candidate was not
-    fitted on) is not worse than the current model's, within ``ACCEPT_TOLERANCE``.
+    Inline, in the model process, at points that depend only on the sensor's readings: the
+    first fit once ``warmup_readings`` are in, then each time the readings seen have doubled,
+    then every ``retrain_every_readings`` readings or ``retrain_interval_s`` of event time
+    (the readings' ``ts``), and early when the CUSUM says the residuals drift. A candidate
+    replaces the current model only if its median absolute error on the last quarter of the
+    window (which the candidate was not fitted on) is not worse than the current model's,
+    within ``ACCEPT_TOLERANCE``.
+
+Alarms
+    An :class:`~app.models.alarms.AlarmTracker` turns the flags into episodes. While an alarm
+    is raised the fault is not learnt: readings enter the window marked (the fit leaves them
+    out) and refits wait. The detectors soon follow a sustained shift (the forecasts start
+    from the latest values), so the alarm is held while the mean of the last ``SMOOTH``
+    readings stays ``BASELINE_K`` robust spreads away from the level of the
+    ``BASELINE_READINGS`` readings before it, on a channel that was flat then (its spread
+    within ``BASELINE_FLAT`` noise scales; a channel with a cycle or a trend is held by its
+    flags alone). When the tracker declares a new normal, the
+    marks are lifted and the model refits on it at once.
+
+Explanation
+    Each anomalous reading names the (channel, detector) pairs over their thresholds, with
+    shares in proportion to how far over they are; the Mahalanobis detector's share is split
+    over the channels by their terms of the distance.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import time
 from collections import deque
 from operator import mul
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from app.models.alarms import AlarmEvent, AlarmTracker, Explanation
 from app.models.base import BoolArray, FloatArray, ModelOptions, Observation
 
 LAGS = 8
@@ -87,6 +107,13 @@ MAX_IMPUTED = 3
 MULTI_WIDEN = 0.12
 ACCEPT_TOLERANCE = 0.2
 STUCK_PROBABILITY = 1e-4
+BASELINE_READINGS = 64
+"""Readings before an alarm that make the level it is judged against while it lasts."""
+BASELINE_FLAT = 2.0
+"""A channel whose spread before the alarm is within this many noise scales is flat enough
+for that level to stand for its normal."""
+BASELINE_K = 3.0
+"""How far (in robust spreads of those readings) the recent mean must stay to hold it."""
 MIN_NEW_READINGS = 16
 """Readings needed since the last refit before a time- or drift-triggered refit."""
 
@@ -135,17 +162,8 @@ class Fitted(NamedTuple):
     error_current: float
 
 
-class TrainingJob(NamedTuple):
-    ts: FloatArray
-    values: FloatArray
-    """(n, c) values as they entered the window (anomalies replaced by forecasts)."""
-    flagged: BoolArray
-    """(n,) readings the model in use found anomalous: left out of the fit."""
-    current: Fitted | None
-
-
 # ---------------------------------------------------------------------------------------------
-# Fitting (in the trainer pool), vectorised with numpy over the whole window
+# Fitting (inline, in the model process), vectorised with numpy over the whole window
 
 
 def _design(
@@ -194,9 +212,19 @@ def _expect(linear: Linear, tails: FloatArray, ts: FloatArray) -> FloatArray:
     return expected
 
 
-def _ridge(features: FloatArray, target: FloatArray, daily: bool, lags: bool = True) -> Linear:
-    from sklearn.linear_model import RidgeCV
+ALPHAS = (0.1, 1.0, 10.0, 100.0)
+"""Ridge penalties tried on standardised features; the one with the least leave-one-out
+error is kept (as scikit-learn's ``RidgeCV`` does, in closed form)."""
 
+
+def _ridge(features: FloatArray, target: FloatArray, daily: bool, lags: bool = True) -> Linear:
+    """Ridge regression with the penalty chosen by efficient leave-one-out error.
+
+    One SVD of the centred, standardised design gives every penalty's fit and hat-matrix
+    diagonal at O(n·p) each. Written in numpy because fits run inline in the shard process
+    (see ``RidgeForecaster``): at this size (hundreds of rows, a dozen features) a
+    scikit-learn estimator's per-call overhead is ten times the arithmetic.
+    """
     if not lags:
         features = features.copy()
         features[:, : LAGS - 1] = 0.0
@@ -207,11 +235,27 @@ def _ridge(features: FloatArray, target: FloatArray, daily: bool, lags: bool = T
     # Standardise so one penalty suits lags and time features alike.
     scale = features.std(axis=0)
     scale = np.where(scale > 1e-12, scale, 1.0)
-    model = RidgeCV(alphas=(0.1, 1.0, 10.0, 100.0)).fit(features / scale, target)
-    coef = np.asarray(model.coef_) / scale
+    x = features / scale
+    x_mean = x.mean(axis=0)
+    y_mean = float(target.mean())
+    u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
+    uty = u.T @ (target - y_mean)
+    u2 = u * u
+    n = len(target)
+    best_error, best_alpha = math.inf, ALPHAS[0]
+    for alpha in ALPHAS:
+        shrink = s * s / (s * s + alpha)
+        residual = target - y_mean - u @ (shrink * uty)
+        leverage = u2 @ shrink + 1.0 / n
+        error = float(np.mean((residual / np.maximum(1.0 - leverage, 1e-9)) ** 2))
+        if error < best_error:
+            best_error, best_alpha = error, alpha
+    coef_std = vt.T @ (s / (s * s + best_alpha) * uty)
+    coef = coef_std / scale
+    intercept = y_mean - float(x_mean @ coef_std)
     if not daily:
         coef = np.concatenate([coef, [0.0, 0.0]])
-    return _fold(coef, float(model.intercept_))
+    return _fold(coef, intercept)
 
 
 def _robust_scale(residuals: FloatArray, floor: float) -> float:
@@ -333,22 +377,25 @@ def _fit_channel(
 
 
 def _multivariate(z: FloatArray) -> tuple[tuple[tuple[float, ...], ...] | None, float]:
-    """Robust precision matrix of the z-score vectors and the distance threshold."""
-    from sklearn.covariance import MinCovDet
+    """Robust precision matrix of the z-score vectors and the distance threshold.
 
+    The covariance is reweighted once (as the last step of a minimum covariance
+    determinant estimate): rows far out under the plain estimate are left out, so the few
+    anomalies a window holds do not widen it.
+    """
     c = z.shape[1]
     if c < 2 or len(z) < 4 * c + 8:
         return None, math.inf
-    with warnings.catch_warnings():
-        # Nearly collinear channels make MinCovDet warn; the ridge below handles them.
-        warnings.simplefilter("ignore")
-        try:
-            covariance = np.asarray(
-                MinCovDet(random_state=0, support_fraction=0.9).fit(z).covariance_
-            )
-        except (ValueError, np.linalg.LinAlgError):
-            covariance = np.cov(z, rowvar=False)
-    precision = np.linalg.inv(covariance + 1e-3 * np.eye(c))
+    ridge = 1e-3 * np.eye(c)
+    covariance = np.cov(z, rowvar=False)
+    for _ in range(2):
+        precision = np.linalg.inv(covariance + ridge)
+        d2 = np.einsum("ij,jk,ik->i", z, precision, z)
+        inliers = d2 <= np.quantile(d2, 0.9)
+        if inliers.sum() < 2 * c + 4:
+            break
+        covariance = np.cov(z[inliers], rowvar=False)
+    precision = np.linalg.inv(covariance + ridge)
     d = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, precision, z), 0.0))
     threshold = _threshold(d, THRESHOLD_FACTOR, MIN_Z_THRESHOLD, MAX_Z_THRESHOLD)
     return tuple(tuple(row) for row in precision.tolist()), threshold
@@ -373,13 +420,14 @@ def fit_window(
     if current is not None and len(current.channels) == c and split - WINDOW >= 24:
         # The candidate sees only the first three quarters; both are judged on the rest.
         error_new = error_current = 0.0
+        daily = bool(ts[split - 1] - ts[0] >= 0.75 * DAY_S)
         for o in range(c):
-            head, _, _ = _fit_channel(ts[:split], values[:split, o], flagged[:split])
-            tails, _, _, first = _design(ts, values[:, o], 1)
+            tails, features, target, first = _design(ts, values[:, o], 1)
+            head = _ridge(features[: split - first], target[: split - first], daily)
             rows, rows_ts = tails[split - first :], ts[split:]
             actual = values[split:, o]
             norm = current.channels[o].scale
-            new = np.abs(actual - _expect(head.step, rows, rows_ts))
+            new = np.abs(actual - _expect(head, rows, rows_ts))
             old = np.abs(actual - _expect(current.channels[o].step, rows, rows_ts))
             error_new += float(np.median(new)) / norm
             error_current += float(np.median(old)) / norm
@@ -427,6 +475,9 @@ class RidgeForecaster:
         self._values: deque[tuple[float, ...]] = deque(maxlen=self._history)
         self._flagged: deque[bool] = deque(maxlen=self._history)
         self._tails: list[list[float]] = [[] for _ in range(c)]
+        self._baseline: list[tuple[float, float] | None] | None = None
+        """(level, scale) per channel before the raised alarm: the fault is judged against it
+        while the alarm lasts, since the detectors soon follow a sustained shift."""
         self._last_ts = -math.inf
         self._last_raw: list[float] = [math.nan] * c
         self._fit: Fitted | None = None
@@ -440,163 +491,101 @@ class RidgeForecaster:
         self._ring_at = 0
         self._same = [0] * c
         self._imputed = 0
-        self._since_job = 0
-        self._job_at: float | None = None
-        self._job_size = 0
-        self._pending = False
+        self._seen = 0
+        """In-order readings taken, over the model's life."""
+        self._since_fit = 0
+        self._fit_ts = -math.inf
+        self._fit_seen = 0
         self._drift = False
+        self._relearn = False
+        """A new normal was declared: refit at once, on everything in the window."""
+        self._level_mute = 0
+        """Readings left before the level detector speaks again, after an alarm."""
+        self._alarm = AlarmTracker(sensor_id, options.alarms)
+        self.fit_seconds: list[float] = []
+        """Durations of the fits since the service last read them (for metrics)."""
+        self.fit_failures = 0
 
     # The Protocol ----------------------------------------------------------------------------
 
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
         ts_list: list[float] = ts.tolist()
         rows: list[list[float]] = values.tolist()
-        fit = self._fit
-        k, c = len(rows), len(self.channels)
-        if fit is None:
-            for t, row in zip(ts_list, rows, strict=True):
-                if t >= self._last_ts:
-                    self._take(t, row, False)
-            self._since_job += k
-            nan = np.full(k, np.nan)
-            return Observation(np.full((k, c), np.nan), nan, np.zeros(k, dtype=bool))
-        forecasts: list[list[float]] = []
+        c = len(self.channels)
+        forecasts: list[list[float] | None] = []
         scores: list[float] = []
         flags: list[bool] = []
-        chans = fit.channels
-        precision = fit.precision
-        tails = self._tails
+        explanations: list[Explanation] = []
+        alarms: list[tuple[int, AlarmEvent]] = []
+        versions: list[int] = []
+        nan_row = [math.nan] * c
         # The largest of c channels' statistics exceeds a threshold more often than one
         # channel's: widen the thresholds with the number of channels.
         widen = 1.0 + MULTI_WIDEN * math.log(c)
         for t, row in zip(ts_list, rows, strict=True):
+            fit = self._fit
             in_order = t >= self._last_ts
-            sin_t, cos_t = math.sin(OMEGA * t), math.cos(OMEGA * t)
-            ratio = 0.0
-            zs: list[float] = []
-            clean: list[float] = []
-            flagged = False
-            at = self._ring_at
-            for o in range(c):
-                ch = chans[o]
-                step = ch.step
-                expected = self._lag_part[o] + step.w_sin * sin_t + step.w_cos * cos_t
-                y = row[o]
-                z = (y - expected) / ch.scale
-                zs.append(z)
-                r = abs(z) / ch.threshold
-                if r > 1.0:
-                    flagged = True
-                    clean.append(expected if self._imputed < MAX_IMPUTED else y)
-                else:
-                    clean.append(y)
+            versions.append(self.version)
+            if fit is None:
                 if in_order:
-                    # Drift of the one-step residuals (CUSUM): asks for an early refit.
-                    zc = Z_CLIP if z > Z_CLIP else -Z_CLIP if z < -Z_CLIP else z
-                    up = self._cusum_up[o] + zc - CUSUM_K
-                    down = self._cusum_down[o] - zc - CUSUM_K
-                    self._cusum_up[o] = up = 0.0 if up < 0.0 else up
-                    self._cusum_down[o] = down = 0.0 if down < 0.0 else down
-                    if up > CUSUM_H or down > CUSUM_H:
-                        self._drift = True
-                        self._cusum_up[o] = self._cusum_down[o] = 0.0
-                    # Noise bursts: mean clipped z² over the last readings.
-                    zq = z * z if z * z < Z_CLIP * Z_CLIP else Z_CLIP * Z_CLIP
-                    ring = self._var_ring[o]
-                    self._var_sum[o] += zq - ring[at]
-                    ring[at] = zq
-                    burst = self._var_sum[o] / (SMOOTH * ch.noise_threshold)
-                    # Slow drifts and shifts: the value against the forecast made HORIZON
-                    # readings ago, averaged over the last readings.
-                    # (The imputed value, when there is one: a spike is the one-step
-                    # detector's, and must not linger in this average.)
-                    h = ch.horizon
-                    e = clean[o] - (
-                        h.intercept
-                        + sum(map(mul, h.weights, tails[o]))
-                        + h.w_sin * sin_t
-                        + h.w_cos * cos_t
-                    )
-                    ring = self._level_ring[o]
-                    self._level_sum[o] += e - ring[at]
-                    ring[at] = e
-                    drift = abs(self._level_sum[o]) / (SMOOTH * ch.level_scale * ch.level_threshold)
-                    # A stuck sensor repeats its value.
-                    same = self._same[o] + 1 if y == self._last_raw[o] else 0
-                    self._same[o] = same
-                    self._last_raw[o] = y
-                    stuck = same / ch.stuck_run
-                    r = max(max(r, drift, burst) / widen, stuck)
-                if r > ratio:
-                    ratio = r
+                    self._take(t, row, False)
+                    self._maybe_refit(t)
+                forecasts.append(nan_row)
+                scores.append(math.nan)
+                flags.append(False)
+                explanations.append(())
+                continue
+            ratio, clean, zs, found = self._score(fit, t, row, in_order, widen)
+            flagged = ratio > 1.0
+            precision = fit.precision
             if precision is not None:
                 d2 = 0.0
+                terms = []
                 for i in range(c):
                     zi, prow = zs[i], precision[i]
+                    term = 0.0
                     for j in range(c):
-                        d2 += zi * prow[j] * zs[j]
+                        term += zi * prow[j] * zs[j]
+                    terms.append(term)
+                    d2 += term
                 r = math.sqrt(d2 if d2 > 0 else 0.0) / fit.mv_threshold
+                if r > 1.0:
+                    flagged = True
+                    positive = sum(x for x in terms if x > 0) or 1.0
+                    found.extend(
+                        (self.channels[i], "multi-channel", r * x / positive)
+                        for i, x in enumerate(terms)
+                        if x > 0
+                    )
                 if r > ratio:
                     ratio = r
+            score = ratio * ratio / (1.0 + ratio * ratio)
+            explanation = _shares(found) if flagged else ()
             if in_order:
-                self._ring_at = (at + 1) % SMOOTH
+                self._ring_at = (self._ring_at + 1) % SMOOTH
+                if self._level_mute:
+                    self._level_mute -= 1
                 # Counted until a reading fits again, so a lasting shift is learnt, not masked.
                 self._imputed = self._imputed + 1 if flagged else 0
-                self._take(t, clean, ratio > 1.0)
-            forecasts.append(self._forecast(fit))
-            scores.append(ratio * ratio / (1.0 + ratio * ratio))
-            flags.append(ratio > 1.0)
-        self._since_job += k
-        return Observation(forecasts, scores, flags)  # type: ignore[arg-type]
-
-    def training_job(self, now: float) -> Any | None:
-        if self._pending:
-            return None
-        if self._job_at is None:
-            self._job_at = now
-        if self._fit is None:
-            due = len(self._values) >= self._warmup
-        else:
-            since = self._since_job
-            # While the window fills, refit each time it has doubled: early fits are rough.
-            every = min(self.options.retrain_every_readings, max(self._job_size, self._warmup))
-            due = since >= every or (
-                since >= MIN_NEW_READINGS
-                and (self._drift or now - self._job_at >= self.options.retrain_interval_s)
-            )
-        if not due:
-            return None
-        self._pending = True
-        self._since_job = 0
-        self._job_at = now
-        self._job_size = len(self._values)
-        self._drift = False
-        values = np.array(self._values, dtype=np.float64).reshape(-1, len(self.channels))
-        flagged = np.array(self._flagged, dtype=bool)
-        return TrainingJob(np.array(self._ts, dtype=np.float64), values, flagged, self._fit)
-
-    def install(self, fitted: Any) -> bool:
-        self._pending = False
-        if not isinstance(fitted, Fitted) or not fitted.accepted:
-            return False
-        if len(fitted.channels) != len(self.channels):
-            return False
-        self._fit = fitted
-        self._refresh()
-        self.version += 1
-        return True
-
-    @staticmethod
-    def fit(job: Any) -> Any:
-        assert isinstance(job, TrainingJob)
-        return fit_window(job.ts, job.values, job.current, job.flagged)
+                event = self._alarm.update(t, score, flagged, explanation, self._away(row))
+                self._take(t, clean, flagged or self._alarm.active)
+                if event is not None:
+                    alarms.append((len(scores), event))
+                    self._alarm_changed(event)
+                self._maybe_refit(t)
+            forecasts.append(self._forecast(self._fit or fit))
+            scores.append(score)
+            flags.append(flagged)
+            explanations.append(explanation)
+        return Observation(forecasts, scores, flags, explanations, versions, alarms)  # type: ignore[arg-type]
 
     def state(self) -> Any:
         state = dict(vars(self))
         state["_ts"] = list(self._ts)
         state["_values"] = list(self._values)
         state["_flagged"] = list(self._flagged)
-        for key in ("options", "sensor_id", "channels", "_history", "_warmup"):
+        state["_alarm"] = self._alarm.state()
+        for key in ("options", "sensor_id", "channels", "_history", "_warmup", "fit_seconds"):
             del state[key]
         return state
 
@@ -604,9 +593,10 @@ class RidgeForecaster:
         for key, value in state.items():
             if key in ("_ts", "_values", "_flagged"):
                 getattr(self, key).extend(value)
+            elif key == "_alarm":
+                self._alarm.restore(value)
             elif key in vars(self):
                 setattr(self, key, value)
-        self._pending = False
         if self._fit is not None:
             self._refresh()
 
@@ -616,6 +606,200 @@ class RidgeForecaster:
     def fitted(self) -> Fitted | None:
         """The model in use, None while warming up."""
         return self._fit
+
+    @property
+    def alarm_active(self) -> bool:
+        return self._alarm.active
+
+    def _score(
+        self, fit: Fitted, t: float, row: list[float], in_order: bool, widen: float
+    ) -> tuple[float, list[float], list[float], list[tuple[str, str, float]]]:
+        """Judge one reading: (largest ratio, value to keep, z per channel, detectors over).
+
+        Updates the detectors' state when the reading is in order.
+        """
+        sin_t, cos_t = math.sin(OMEGA * t), math.cos(OMEGA * t)
+        ratio = 0.0
+        zs: list[float] = []
+        clean: list[float] = []
+        found: list[tuple[str, str, float]] = []
+        at = self._ring_at
+        tails = self._tails
+        for o, ch in enumerate(fit.channels):
+            step = ch.step
+            expected = self._lag_part[o] + step.w_sin * sin_t + step.w_cos * cos_t
+            y = row[o]
+            z = (y - expected) / ch.scale
+            zs.append(z)
+            spike = abs(z) / ch.threshold
+            if spike > 1.0:
+                clean.append(expected if self._imputed < MAX_IMPUTED else y)
+            else:
+                clean.append(y)
+            if not in_order:
+                r = spike
+                if r > 1.0:
+                    found.append((self.channels[o], "spike", r))
+            else:
+                # Drift of the one-step residuals (CUSUM): asks for an early refit.
+                zc = Z_CLIP if z > Z_CLIP else -Z_CLIP if z < -Z_CLIP else z
+                up = self._cusum_up[o] + zc - CUSUM_K
+                down = self._cusum_down[o] - zc - CUSUM_K
+                self._cusum_up[o] = up = 0.0 if up < 0.0 else up
+                self._cusum_down[o] = down = 0.0 if down < 0.0 else down
+                if up > CUSUM_H or down > CUSUM_H:
+                    self._drift = True
+                    self._cusum_up[o] = self._cusum_down[o] = 0.0
+                # Noise bursts: mean clipped z² over the last readings.
+                zq = z * z if z * z < Z_CLIP * Z_CLIP else Z_CLIP * Z_CLIP
+                ring = self._var_ring[o]
+                self._var_sum[o] += zq - ring[at]
+                ring[at] = zq
+                noise = self._var_sum[o] / (SMOOTH * ch.noise_threshold) / widen
+                # Slow drifts and shifts: the value against the forecast made HORIZON
+                # readings ago, averaged over the last readings. (The imputed value, when
+                # there is one: a spike is the one-step detector's, and must not linger in
+                # this average.)
+                h = ch.horizon
+                e = clean[o] - (
+                    h.intercept
+                    + sum(map(mul, h.weights, tails[o]))
+                    + h.w_sin * sin_t
+                    + h.w_cos * cos_t
+                )
+                ring = self._level_ring[o]
+                self._level_sum[o] += e - ring[at]
+                ring[at] = e
+                level = (
+                    abs(self._level_sum[o]) / (SMOOTH * ch.level_scale * ch.level_threshold)
+                ) / widen
+                if self._level_mute:
+                    level = 0.0
+                # A stuck sensor repeats its value.
+                same = self._same[o] + 1 if y == self._last_raw[o] else 0
+                self._same[o] = same
+                self._last_raw[o] = y
+                stuck = same / ch.stuck_run
+                spike /= widen
+                r = max(spike, level, noise, stuck)
+                if r > 1.0:
+                    name = self.channels[o]
+                    for detector, value in (
+                        ("spike", spike), ("level", level), ("noise", noise), ("stuck", stuck)
+                    ):  # fmt: skip
+                        if value > 1.0:
+                            found.append((name, detector, value))
+            if r > ratio:
+                ratio = r
+        return ratio, clean, zs, found
+
+    def _maybe_refit(self, t: float) -> None:
+        """Refit now if due: called after each in-order reading is taken."""
+        self._seen += 1
+        self._since_fit += 1
+        if self._alarm.active:
+            return  # the fault is not learnt while the alarm lasts
+        if self._fit is None:
+            due = len(self._values) >= self._warmup
+        else:
+            since = self._since_fit
+            # Early fits are rough: refit each time the readings seen have doubled.
+            every = min(self.options.retrain_every_readings, max(self._warmup, self._fit_seen))
+            due = (
+                self._relearn
+                or since >= every
+                or (
+                    since >= MIN_NEW_READINGS
+                    and (self._drift or t - self._fit_ts >= self.options.retrain_interval_s)
+                )
+            )
+        if due:
+            self._refit(t)
+
+    def _refit(self, t: float) -> None:
+        relearn = self._relearn
+        self._since_fit = 0
+        self._fit_ts = t
+        self._fit_seen = self._seen
+        self._drift = False
+        self._relearn = False
+        values = np.array(self._values, dtype=np.float64).reshape(-1, len(self.channels))
+        flagged = np.array(self._flagged, dtype=bool)
+        started = time.perf_counter()
+        try:
+            fitted = fit_window(
+                np.array(self._ts, dtype=np.float64),
+                values,
+                None if relearn else self._fit,
+                flagged,
+            )
+        except Exception:
+            self.fit_failures += 1
+            return
+        self.fit_seconds.append(time.perf_counter() - started)
+        if fitted.accepted and len(fitted.channels) == len(self.channels):
+            self._fit = fitted
+            self._refresh()
+            # The level detector's recent residuals were the old forecaster's (before the
+            # first level fit, the raw values): averaged with the new one's they would make a
+            # shift out of nothing.
+            c = len(self.channels)
+            self._level_ring = [[0.0] * SMOOTH for _ in range(c)]
+            self._level_sum = [0.0] * c
+            self.version += 1
+
+    def _alarm_changed(self, event: AlarmEvent) -> None:
+        if event.state == "raised":
+            if self._baseline is None:
+                self._baseline = self._level_before()
+            return
+        self._baseline = None
+        # The detectors' recent state holds the fault (the level forecaster's window for the
+        # next TAIL readings too): start them afresh, or its end would be flagged as a shift.
+        c = len(self.channels)
+        self._level_ring = [[0.0] * SMOOTH for _ in range(c)]
+        self._level_sum = [0.0] * c
+        self._var_ring = [[0.0] * SMOOTH for _ in range(c)]
+        self._var_sum = [0.0] * c
+        self._level_mute = TAIL
+        if event.reason == "new_normal":
+            # What the alarm kept out of the fit is the sensor's normal now.
+            self._flagged = deque([False] * len(self._flagged), maxlen=self._history)
+            self._relearn = True
+
+    def _level_before(self) -> list[tuple[float, float] | None]:
+        """Each channel's level and spread over the unflagged readings before the alarm.
+
+        None for a channel whose level moved more than its noise over those readings (a
+        daily cycle, a trend): its level before the alarm says little of its normal later.
+        """
+        rows = [v for v, f in zip(self._values, self._flagged, strict=True) if not f]
+        rows = rows[-BASELINE_READINGS:] or list(self._values)[-BASELINE_READINGS:]
+        fit = self._fit
+        out = []
+        for o in range(len(self.channels)):
+            column = np.array([row[o] for row in rows], dtype=np.float64)
+            level = float(np.median(column))
+            noise = fit.channels[o].scale if fit is not None else 1e-9
+            spread = _robust_scale(column - level, noise)
+            out.append((level, spread) if spread <= BASELINE_FLAT * noise else None)
+        return out
+
+    def _away(self, row: list[float]) -> bool | None:
+        """While an alarm is raised: is the mean of the last readings (this one included)
+        still away from the level before the alarm? None when that cannot be told."""
+        baseline = self._baseline
+        if baseline is None or not any(baseline):
+            return None
+        recent = list(self._values)[-(SMOOTH - 1) :]
+        for o, channel in enumerate(baseline):
+            if channel is None:
+                continue
+            level, scale = channel
+            mean = (row[o] + sum(v[o] for v in recent)) / (len(recent) + 1)
+            if abs(mean - level) > BASELINE_K * scale:
+                return True
+        return False
 
     def _take(self, t: float, row: list[float], flagged: bool) -> None:
         """Append an in-order reading to the window and the lag tails."""
@@ -651,3 +835,20 @@ class RidgeForecaster:
             self._lag_part[o] + ch.step.w_sin * sin_t + ch.step.w_cos * cos_t
             for o, ch in enumerate(fit.channels)
         ]
+
+
+def _shares(found: list[tuple[str, str, float]]) -> Explanation:
+    """(channel, detector, share) from how far each pair is over its threshold.
+
+    Examples:
+        >>> _shares([("a", "spike", 3.0), ("b", "level", 1.0)])
+        (('a', 'spike', 0.75), ('b', 'level', 0.25))
+    """
+    merged: dict[tuple[str, str], float] = {}
+    for channel, detector, value in found:
+        merged[(channel, detector)] = merged.get((channel, detector), 0.0) + value
+    total = sum(merged.values())
+    if total <= 0:
+        return ()
+    ranked = sorted(merged.items(), key=lambda kv: -kv[1])
+    return tuple((channel, detector, round(v / total, 4)) for (channel, detector), v in ranked)

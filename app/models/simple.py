@@ -1,7 +1,7 @@
 """A small, fast model: rolling-mean forecast and z-score anomalies on each channel.
 
 It is the baseline every other model is compared with, and the model that exercises the
-whole pipeline (warm-up, retraining in the trainer pool, hot swap) at almost no cost.
+whole pipeline (warm-up, inline retraining, model swaps) at almost no cost.
 """
 
 from __future__ import annotations
@@ -40,10 +40,34 @@ class RollingZScore:
         self._window = np.empty((0, len(channels)))
         self._mean: FloatArray | None = None
         self._std: FloatArray | None = None
-        self._since_job = 0
-        self._pending = False
+        self._since_fit = 0
 
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
+        # Fit points depend only on how many readings came before, never on how they were
+        # split into calls: the readings are taken in runs that end where a fit is due.
+        parts: list[Observation] = []
+        start = 0
+        while start < len(values):
+            end = min(len(values), start + self._until_fit())
+            parts.append(self._observe_run(values[start:end]))
+            self._since_fit += end - start
+            if self._until_fit() == 0:
+                self._refit()
+            start = end
+        if len(parts) == 1:
+            return parts[0]
+        return Observation(
+            np.concatenate([p.forecast for p in parts]),
+            np.concatenate([p.score for p in parts]),
+            np.concatenate([p.is_anomaly for p in parts]),
+        )
+
+    def _until_fit(self) -> int:
+        if self._mean is None:
+            return max(0, self.min_history - len(self._window))
+        return max(0, self.retrain_every - self._since_fit)
+
+    def _observe_run(self, values: FloatArray) -> Observation:
         k = len(values)
         joined = np.concatenate([self._window, values])
         self._window = joined[-self.history :]
@@ -57,36 +81,14 @@ class RollingZScore:
             nan = np.full(k, np.nan)
             return Observation(np.full_like(forecast, np.nan), nan, np.zeros(k, dtype=bool))
         z = np.abs((values - self._mean) / self._std).max(axis=1)
-        self._since_job += k
         return Observation(forecast, np.tanh(z / self.z_threshold), z > self.z_threshold)
 
-    def training_job(self, now: float) -> Any | None:
-        if self._pending:
-            return None
-        due = (
-            self._since_job >= self.retrain_every
-            if self._mean is not None
-            else len(self._window) >= self.min_history
-        )
-        if not due:
-            return None
-        self._pending = True
-        self._since_job = 0
-        return self._window.copy()
-
-    def install(self, fitted: Any) -> bool:
-        self._pending = False
-        if fitted is None:
-            return False
-        self._mean, self._std = fitted
+    def _refit(self) -> None:
+        std = self._window.std(axis=0)
+        self._mean = self._window.mean(axis=0)
+        self._std = np.where(std > 1e-9, std, 1e-9)
+        self._since_fit = 0
         self.version += 1
-        return True
-
-    @staticmethod
-    def fit(job: Any) -> Any:
-        window: FloatArray = job
-        std = window.std(axis=0)
-        return window.mean(axis=0), np.where(std > 1e-9, std, 1e-9)
 
     def state(self) -> Any:
         return {
@@ -94,10 +96,11 @@ class RollingZScore:
             "window": self._window,
             "mean": self._mean,
             "std": self._std,
+            "since_fit": self._since_fit,
         }
 
     def restore(self, state: Any) -> None:
         self.version = state["version"]
         self._window = state["window"]
         self._mean, self._std = state["mean"], state["std"]
-        self._pending = False
+        self._since_fit = state["since_fit"]

@@ -24,7 +24,8 @@ from typing import Any
 
 from app.backends.base import Backend
 from app.config import SlowClientPolicy
-from app.pipeline.publish import CHANNEL, Message, decode_batch
+from app.pipeline.alarm_book import AlarmBook
+from app.pipeline.wire import CHANNEL, Message, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ _GLOB_CHARS = frozenset("*?[")
 class SensorFilter:
     """Which messages a subscriber wants: sensor ids or globs, and anomalies only.
 
-    Model frames follow the sensor filter; ``anomalies_only`` concerns predictions alone.
+    Model and alarm frames follow the sensor filter; ``anomalies_only`` concerns predictions
+    alone (alarm frames count as anomalies).
 
     Examples:
         >>> f = SensorFilter(["pump-*", "fan-1"])
@@ -90,7 +92,7 @@ class History:
     resume point by bisection; the dead prefix is compacted once it outweighs the rest.
 
     Examples:
-        >>> from app.pipeline.publish import Message
+        >>> from app.pipeline.wire import Message
         >>> h = History(max_frames=3, max_age_s=60)
         >>> h.extend([Message(s, "prediction", "a", False, str(s)) for s in range(1, 6)], now=0)
         >>> h.oldest_seq, [m.seq for m in h.after(3)], len(h)
@@ -294,6 +296,7 @@ class PredictionHub:
         self.stall_timeout_s = stall_timeout_s
         self.subscribers: set[Subscriber] = set()
         self.sensors: dict[str, SensorSummary] = {}
+        self.alarms = AlarmBook()
         self.latest_seq = 0
         self.epoch = ""
         self.closing = False
@@ -399,6 +402,8 @@ class PredictionHub:
                 summary = sensors[message.sensor_id] = SensorSummary(message.sensor_id)
             if message.kind == "model":
                 summary.model_version = json.loads(message.frame).get("model_version", 0)
+            elif message.kind == "alarm":
+                self.alarms.apply(json.loads(message.frame), message.frame)
             else:
                 summary.count += 1
                 summary.last = message.frame
@@ -480,7 +485,8 @@ class PredictionHub:
         return self._dropped_gone + sum(s.dropped_total for s in self.subscribers)
 
     def snapshot(self, filter: SensorFilter) -> list[str]:
-        """The latest prediction of every sensor the filter wants, ordered by sensor id.
+        """The latest prediction of every sensor the filter wants, ordered by sensor id, then
+        the active alarms of those sensors.
 
         ``anomalies_only`` does not apply: the snapshot is each sensor's current state.
         """
@@ -489,7 +495,7 @@ class PredictionHub:
             s.last[:-1] + ',"snapshot":true}'
             for sid, s in sorted(self.sensors.items())
             if s.last is not None and filter.wants_sensor(sid)
-        ]
+        ] + self.alarms.snapshot(filter.wants_sensor)
 
     def sensor_list(self) -> list[dict[str, Any]]:
         return [self._describe(s, recent=False) for _, s in sorted(self.sensors.items())]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections import deque
 
+from app.pipeline.routing import shard_of
 from app.schemas import Reading, TooLarge
 
 
@@ -155,17 +155,7 @@ class Ingestor:
     def __init__(self, queues: list[ShardQueue], recent: RecentIds) -> None:
         self.queues = queues
         self.recent = recent
-        self._shard_of: dict[str, int] = {}
         self.open = True
-
-    def shard_of(self, sensor_id: str) -> int:
-        shard = self._shard_of.get(sensor_id)
-        if shard is None:
-            if len(self._shard_of) > 1_000_000:
-                self._shard_of.clear()
-            shard = zlib.crc32(sensor_id.encode()) % len(self.queues)
-            self._shard_of[sensor_id] = shard
-        return shard
 
     def offer(self, readings: list[Reading]) -> tuple[int, int]:
         """Admit a request's readings; return (accepted, duplicates).
@@ -194,9 +184,9 @@ class Ingestor:
         if len(self.queues) == 1:
             per_shard[0] = fresh
         else:
-            shard_of = self.shard_of
+            n = len(self.queues)
             for r in fresh:
-                per_shard[shard_of(r.sensor_id)].append(r)
+                per_shard[shard_of(r.sensor_id, n)].append(r)
         for queue, share in zip(self.queues, per_shard, strict=True):
             if len(share) > queue.free():
                 if len(share) > queue.capacity:

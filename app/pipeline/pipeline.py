@@ -1,4 +1,4 @@
-"""The whole model stage of one service process, wired: ingest -> batcher -> pool -> publish."""
+"""The embedded model stage, wired: ingest -> batcher -> shard runner -> publish."""
 
 from __future__ import annotations
 
@@ -10,17 +10,33 @@ from typing import Any
 
 from app.backends.base import Backend
 from app.config import Settings
-from app.pipeline.batcher import Batcher
-from app.pipeline.inference import MODEL_SUFFIX, ShardPool, TrainingJob
+from app.pipeline import shard
+from app.pipeline.batcher import Batcher, BatchObserver
 from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
 from app.pipeline.publish import Publisher
+from app.pipeline.routing import shard_of
+from app.pipeline.runner import ShardRunner
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
 
 
+def make_runners(settings: Settings) -> list[ShardRunner]:
+    """One runner per model process, as the settings say (both topologies use this)."""
+    spec = settings.process_spec()
+    return [
+        ShardRunner(
+            index,
+            spec,
+            checkpoint_every_readings=settings.checkpoint_max_readings,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
+        for index in range(settings.workers)
+    ]
+
+
 class Pipeline:
-    """Owns the shard queues, the batchers, the process pool and the trainer tasks.
+    """Owns the shard queues, the batchers and the shard runners.
 
     ``offer`` admits readings; everything admitted is predicted and published, including
     during a graceful ``stop``, which refuses new readings first and then drains.
@@ -28,15 +44,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
-        self.pool = ShardPool(
-            settings.workers,
-            settings.trainer_workers,
-            settings.model,
-            settings.pool_start_timeout_s,
-            settings.executor,
-            settings.model_options(),
-            str(settings.model_dir) if settings.model_dir is not None else None,
-        )
+        self.runners = make_runners(settings)
         self.queues = [ShardQueue(settings.queue_max_readings) for _ in range(settings.workers)]
         self.ingestor = Ingestor(
             self.queues, RecentIds(settings.dedup_window_s, settings.dedup_max_ids)
@@ -44,51 +52,66 @@ class Pipeline:
         self.publisher = Publisher(backend)
         self.batchers = [
             Batcher(
-                shard,
                 queue,
-                self.pool,
+                runner,
                 self.publisher,
                 max_size=settings.batch_max_size,
                 window_ms=settings.batch_window_ms,
                 in_flight=settings.batches_in_flight,
-                on_job=self._train,
-                checkpoint_interval_s=settings.checkpoint_interval_s,
-                checkpoint_max_readings=settings.checkpoint_max_readings,
             )
-            for shard, queue in enumerate(self.queues)
+            for queue, runner in zip(self.queues, self.runners, strict=True)
         ]
+        self.observer: BatchObserver | None = None
         self.started = False
 
     @property
+    def stage(self) -> Pipeline:
+        return self
+
+    @property
     def ready(self) -> bool:
-        return self.started and self.pool.ready and self.ingestor.open
+        return self.started and all(r.healthy for r in self.runners) and self.ingestor.open
+
+    @property
+    def published(self) -> int:
+        return self.publisher.published
+
+    @property
+    def last_seq(self) -> int:
+        return self.publisher.last_seq
 
     async def offer(self, readings: list[Reading]) -> tuple[int, int]:
         """Admit a request whole; see :meth:`Ingestor.offer`."""
         return self.ingestor.offer(readings)
 
     async def checks(self) -> dict[str, bool]:
-        return {"pool": self.pool.ready, "accepting": self.ingestor.open}
+        return {"pool": all(r.healthy for r in self.runners), "accepting": self.ingestor.open}
 
     def describe(self) -> dict[str, Any]:
-        pool = self.pool
         return {
             "role": "embedded",
-            "shard_pids": pool.pids,
-            "shards_healthy": pool.healthy,
-            "trainer_pids": pool.trainer_pids,
-            "rebuilds": pool.rebuilds,
+            "shard_pids": [r.pid for r in self.runners],
+            "shards_healthy": [r.healthy for r in self.runners],
+            "rebuilds": sum(r.rebuilds for r in self.runners),
         }
 
     def pending(self) -> int:
         return sum(q.pending for q in self.queues)
 
+    def queue_figures(self) -> list[tuple[str, int, int, int]]:
+        return [(str(i), q.pending, q.waiting, q.capacity) for i, q in enumerate(self.queues)]
+
     async def start(self) -> None:
         if self.started:
             return
-        await self.pool.start()
+        await asyncio.wait_for(
+            asyncio.gather(*(r.start() for r in self.runners)),
+            self.settings.pool_start_timeout_s,
+        )
+        log.info("model processes ready: %s", [r.pid for r in self.runners])
         await self._load_models()
         for batcher in self.batchers:
+            batcher.observer = self.observer
             batcher.start()
         self.started = True
 
@@ -103,9 +126,8 @@ class Pipeline:
         except TimeoutError:
             log.error("shutdown timeout: %d readings were not predicted", self.pending())
             await asyncio.gather(*(b.cancel() for b in self.batchers))
-        await self.pool.cancel_training()
         await self._save_models()
-        await self.pool.stop()
+        await asyncio.gather(*(r.stop() for r in self.runners))
         self.started = False
 
     async def __aenter__(self) -> Pipeline:
@@ -123,9 +145,9 @@ class Pipeline:
         names = await asyncio.to_thread(_saved_models, str(model_dir))
         by_shard: dict[int, list[str]] = defaultdict(list)
         for sensor_id, path in names:
-            by_shard[self.ingestor.shard_of(sensor_id)].append(path)
+            by_shard[shard_of(sensor_id, len(self.runners))].append(path)
         counts = await asyncio.gather(
-            *(self.pool.load_states(shard, paths) for shard, paths in by_shard.items())
+            *(self.runners[i].call(shard.load_states, paths) for i, paths in by_shard.items())
         )
         if names:
             log.info("loaded %d of %d saved models from %s", sum(counts), len(names), model_dir)
@@ -133,26 +155,22 @@ class Pipeline:
     async def _save_models(self) -> None:
         if self.settings.model_dir is None:
             return
-        shards = [shard for shard in range(self.pool.size) if self.pool.healthy[shard]]
+        runners = [r for r in self.runners if r.healthy]
         counts = await asyncio.gather(
-            *(self.pool.save_states(shard) for shard in shards), return_exceptions=True
+            *(r.call(shard.save_states) for r in runners), return_exceptions=True
         )
-        for shard, count in zip(shards, counts, strict=True):
+        for runner, count in zip(runners, counts, strict=True):
             if isinstance(count, BaseException):
-                log.error("shard %d: saving the models failed: %r", shard, count)
+                log.error("shard %d: saving the models failed: %r", runner.shard, count)
         saved = sum(c for c in counts if isinstance(c, int))
         log.info("saved %d models to %s", saved, self.settings.model_dir)
-
-    def _train(self, job: TrainingJob) -> None:
-        batcher = self.batchers[job.shard]
-        self.pool.train(job, lambda fitted: batcher.install(job.sensor_id, fitted))
 
 
 def _saved_models(model_dir: str) -> list[tuple[str, str]]:
     """``(sensor_id, path)`` of every model saved in ``model_dir`` (created if missing)."""
     os.makedirs(model_dir, exist_ok=True)
     return [
-        (name.removesuffix(MODEL_SUFFIX), os.path.join(model_dir, name))
+        (name.removesuffix(shard.MODEL_SUFFIX), os.path.join(model_dir, name))
         for name in sorted(os.listdir(model_dir))
-        if name.endswith(MODEL_SUFFIX)
+        if name.endswith(shard.MODEL_SUFFIX)
     ]

@@ -7,6 +7,7 @@ from typing import Any
 
 from app.backends.redis import RedisBackend, RedisUnavailable, partition_of
 from app.config import Settings
+from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import Overloaded
 from app.schemas import Reading, TooLarge
 
@@ -23,6 +24,9 @@ class RemoteIngest:
         self.backend = backend
         self.open = True
         self.started = False
+        self.observer: BatchObserver | None = None
+        self.stage = None
+        self.last_seq = 0
 
     async def start(self) -> None:
         self.started = True

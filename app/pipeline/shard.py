@@ -1,0 +1,449 @@
+"""Inside a model process: the models of one shard's sensors, and what runs on a batch.
+
+Everything here runs in the process a :class:`~app.pipeline.runner.ShardRunner` drives: the
+functions are module-level, take and return blobs and plain values, and never touch an event
+loop. The process keeps the models (and so the windows) of the sensors hashed to it, so a
+batch carries only new readings, never per-sensor state; it runs one call at a time, in the
+order they were queued, so per-sensor order holds. Models refit inline (see
+``app/models/base.py``), so what a model process holds depends only on the readings it was
+given, in order: a checkpoint plus a replay of the batches since rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from app.models.alarms import AlarmTracker, Explanation
+from app.models.base import ModelOptions, SensorModel, SensorModelClass, load_model_class
+from app.pipeline import wire
+from app.pipeline.routing import shard_of
+from app.schemas import Reading
+
+log = logging.getLogger(__name__)
+
+_model_class: SensorModelClass | None = None
+_model_path = ""
+_options = ModelOptions()
+_model_dir: str | None = None
+_models: dict[str, SensorModel] = {}
+_trackers: dict[str, AlarmTracker] = {}
+"""Alarm trackers of the sensors whose model tracks no alarms itself."""
+_MAX_REASON_CHARS = 200
+MODEL_SUFFIX = ".model"
+_FORMAT = 2
+
+
+def init_process(
+    model_path: str,
+    options: ModelOptions | None = None,
+    model_dir: str | None = None,
+    service_pid: int | None = None,
+    nice: int = 0,
+) -> None:
+    """Executor initializer: load the model class once per process.
+
+    Args:
+        model_path: ``module:Class`` of the model.
+        options: passed to every model instance.
+        model_dir: where each sensor's model is saved (at shutdown) and loaded from, or None.
+        service_pid: the process exits as soon as that process is gone, even when it was
+            killed without a chance to shut the pool down: a model process never outlives
+            its service.
+        nice: added to the process's scheduling niceness, so that on a busy machine the
+            service's event loop gets a core before the model work does.
+    """
+    global _model_class, _model_path, _options, _model_dir
+    _model_class = load_model_class(model_path)
+    _model_path = model_path
+    _options = options or ModelOptions()
+    _model_dir = model_dir
+    _models.clear()
+    _trackers.clear()
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            log.warning("cannot lower the model process's priority by %d", nice)
+    if service_pid is not None:
+        threading.Thread(
+            target=_exit_with, args=(service_pid,), name="exit-with-service", daemon=True
+        ).start()
+
+
+def _exit_with(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        # No pidfd (old kernel or another OS): poll instead.
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def warm() -> int:
+    """A no-op round trip used to start and check a process; returns its pid."""
+    return os.getpid()
+
+
+def _model_for(sensor_id: str, channels: tuple[str, ...]) -> SensorModel:
+    model = _models.get(sensor_id)
+    if model is not None and model.channels == channels:
+        return model
+    assert _model_class is not None, "init_process was not called"
+    fresh = _model_class(sensor_id, channels, _options)
+    if model is not None:
+        # A sensor whose channels change starts a new model; versions keep rising.
+        fresh.version = model.version
+    _models[sensor_id] = fresh
+    return fresh
+
+
+def _aligned(reading: Reading, channels: tuple[str, ...]) -> tuple[float, ...]:
+    if reading.channels == channels:
+        return reading.values
+    lookup = dict(zip(reading.channels, reading.values, strict=True))
+    return tuple(lookup[name] for name in channels)
+
+
+def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
+    """Split one sensor's readings into runs with the same channel set."""
+    first = readings[indices[0]].channels
+    if all(readings[i].channels == first for i in indices):
+        return [indices]
+    runs: list[list[int]] = []
+    current: frozenset[str] | None = None
+    for i in indices:
+        key = frozenset(readings[i].channels)
+        if key != current:
+            runs.append([])
+            current = key
+        runs[-1].append(i)
+    return runs
+
+
+class _Row:
+    """What the model said of one reading, and what happened right after it."""
+
+    __slots__ = (
+        "forecast", "score", "flag", "explanation", "error", "version", "channels", "ts",
+        "before", "after",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.ts = 0.0
+        self.forecast: list[float] | None = None
+        self.score = float("nan")
+        self.flag = False
+        self.explanation: Explanation = ()
+        self.error: str | None = None
+        self.version = 0
+        self.channels: tuple[str, ...] = ()
+        self.before: list[wire.Body] = []
+        """A model frame for a fit the model did not place (it reports no per-row versions)."""
+        self.after: list[wire.Body] = []
+        """Model and alarm messages this reading caused, published right after it."""
+
+
+def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any]:
+    """One :data:`_Out` per reading, or an error reason (a str) for a reading that fails."""
+    try:
+        return _rows(model, model.observe(ts, values), len(ts))
+    except Exception:
+        if len(ts) == 1:
+            raise
+    # Find the readings that fail on their own; the others are scored one by one.
+    rows: list[Any] = []
+    for k in range(len(ts)):
+        try:
+            rows.extend(_rows(model, model.observe(ts[k : k + 1], values[k : k + 1]), 1))
+        except Exception as exc:
+            rows.append(_reason(exc))
+    return rows
+
+
+_Out = tuple[Any, float, bool, Explanation, "list[Any] | None", int]
+"""(forecast, score, flag, explanation, alarm events or None, version that scored it)."""
+
+
+def _rows(model: SensorModel, obs: Any, k: int) -> list[_Out]:
+    explanation = obs.explanation if obs.explanation is not None else [()] * k
+    versions = obs.versions if obs.versions is not None else [model.version] * k
+    alarms: list[list[Any] | None] = [None] * k
+    if obs.alarms is not None:
+        alarms = [[] for _ in range(k)]
+        for row, event in obs.alarms:
+            alarms[row].append(event)
+    return list(
+        zip(
+            _list(obs.forecast),
+            _list(obs.score),
+            _list(obs.is_anomaly),
+            explanation,
+            alarms,
+            versions,
+            strict=True,
+        )  # fmt: skip
+    )
+
+
+def _list(column: Any) -> list[Any]:
+    return column.tolist() if isinstance(column, np.ndarray) else list(column)
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"model error: {type(exc).__name__}: {exc}"
+    return text[:_MAX_REASON_CHARS]
+
+
+def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
+    """Score a batch of readings (packed by :func:`wire.encode_readings`) in this process.
+
+    Readings of one sensor are scored in the order given. With ``replay`` (rebuilding a
+    replaced process's state) the models take the readings in but nothing is encoded: those
+    predictions were published.
+    """
+    readings = wire.decode_readings(blob)
+    by_sensor: dict[str, list[int]] = {}
+    for i, r in enumerate(readings):
+        by_sensor.setdefault(r.sensor_id, []).append(i)
+
+    rows = [_Row() for _ in readings]
+    swaps: list[tuple[str, int]] = []
+    fit_seconds: list[float] = []
+    fit_failures = 0
+    raised = cleared = 0
+    for sensor_id, indices in by_sensor.items():
+        for run in _runs(readings, indices):
+            channels = readings[run[0]].channels
+            model = _model_for(sensor_id, channels)
+            ts = np.array([readings[i].ts for i in run], dtype=np.float64)
+            if channels == model.channels:
+                values = np.array([readings[i].values for i in run], dtype=np.float64)
+            else:
+                values = np.array(
+                    [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
+                )
+            version = model.version
+            try:
+                scored = _observe(model, ts, values)
+            except Exception as exc:
+                scored = [_reason(exc)] * len(run)
+            previous: _Row | None = None
+            for i, out in zip(run, scored, strict=True):
+                row = rows[i]
+                row.channels = model.channels
+                if isinstance(out, str):
+                    row.error, row.version = out, version
+                    previous = row
+                    continue
+                row.forecast, row.score, row.flag, row.explanation, events, row.version = out
+                if row.version != version:
+                    # Refitted after the previous reading: its frame follows that one.
+                    swaps.append((sensor_id, row.version))
+                    if not replay:
+                        if previous is not None:
+                            previous.after.append(_model_message(sensor_id, row.version, previous))
+                        else:
+                            row.before.append(
+                                _model_message(sensor_id, row.version, row, readings[i].ts)
+                            )
+                    version = row.version
+                if events is None:
+                    events = _track(sensor_id, readings[i].ts, row)
+                if not replay:
+                    for event in events:
+                        raised += event.state == "raised"
+                        cleared += event.state == "cleared"
+                        row.after.append(
+                            ("alarm", sensor_id, True, wire.alarm_body(sensor_id, event))
+                        )
+                row.ts = readings[i].ts
+                previous = row
+            if model.version != version:
+                # Refitted after the run's last reading.
+                swaps.append((sensor_id, model.version))
+                if previous is not None and not replay:
+                    previous.after.append(_model_message(sensor_id, model.version, previous))
+        fit_seconds.extend(_drain_fits(_models[sensor_id]))
+        fit_failures += _drain_failures(_models[sensor_id])
+    if replay:
+        return wire.BatchOutcome(b"", 0, 0, 0)
+
+    predicted_at = datetime.now(UTC)
+    stamps: dict[float, datetime] = {}
+    bodies: list[wire.Body] = []
+    anomalies = 0
+    for r, row in zip(readings, rows, strict=True):
+        if row.error is not None:
+            body = wire.prediction_body(
+                r, "error", row.version, predicted_at, reason=row.error, stamps=stamps
+            )
+            anomaly = False
+        elif row.score != row.score:  # NaN: still warming up
+            body = wire.prediction_body(r, "warming_up", row.version, predicted_at, stamps=stamps)
+            anomaly = False
+        else:
+            anomaly = bool(row.flag)
+            anomalies += anomaly
+            body = wire.prediction_body(
+                r, "ok", row.version, predicted_at,
+                forecast=dict(zip(row.channels, row.forecast or (), strict=True)),
+                score=row.score, is_anomaly=anomaly,
+                explanation=row.explanation if anomaly else (), stamps=stamps,
+            )  # fmt: skip
+        if row.before:
+            bodies.extend(row.before)
+        bodies.append(("prediction", r.sensor_id, anomaly, body))
+        if row.after:
+            bodies.extend(row.after)
+    return wire.BatchOutcome(
+        wire.encode_batch(bodies), len(bodies), len(readings), anomalies, tuple(swaps),
+        raised, cleared, tuple(fit_seconds), fit_failures,
+    )  # fmt: skip
+
+
+def _model_message(sensor_id: str, version: int, row: _Row, ts: float | None = None) -> wire.Body:
+    ts = row.ts if ts is None else ts
+    return ("model", sensor_id, False, wire.model_body(sensor_id, version, ts))
+
+
+def _track(sensor_id: str, ts: float, row: _Row) -> list[Any]:
+    """Alarm events from the service's own tracker, for a model that tracks none itself."""
+    if row.score != row.score:  # NaN while warming up: no judgement yet
+        return []
+    tracker = _trackers.get(sensor_id)
+    if tracker is None:
+        tracker = _trackers[sensor_id] = AlarmTracker(sensor_id, _options.alarms)
+    event = tracker.update(ts, row.score, row.flag, row.explanation)
+    return [] if event is None else [event]
+
+
+def _drain_fits(model: SensorModel) -> list[float]:
+    durations: list[float] | None = getattr(model, "fit_seconds", None)
+    if not durations:
+        return []
+    out = list(durations)
+    durations.clear()
+    return out
+
+
+def _drain_failures(model: SensorModel) -> int:
+    failures = getattr(model, "fit_failures", 0)
+    if failures:
+        model.fit_failures = 0  # type: ignore[attr-defined]
+    return int(failures)
+
+
+# -- state: checkpoints, persistence, partitions ----------------------------------------------
+
+
+def _record(sensor_id: str, model: SensorModel) -> dict[str, Any]:
+    tracker = _trackers.get(sensor_id)
+    return {
+        "channels": model.channels,
+        "version": model.version,
+        "state": model.state(),
+        "alarms": None if tracker is None else tracker.state(),
+    }
+
+
+def _restore(sensor_id: str, record: dict[str, Any]) -> None:
+    model = _model_for(sensor_id, tuple(record["channels"]))
+    model.restore(record["state"])
+    model.version = record["version"]
+    if record.get("alarms") is not None:
+        tracker = _trackers[sensor_id] = AlarmTracker(sensor_id, _options.alarms)
+        tracker.restore(record["alarms"])
+
+
+def export_states(partition: int = 0, partitions: int = 1) -> bytes:
+    """The models of this process (of one Redis partition's sensors when ``partitions``
+    is above 1), pickled in one blob."""
+    return pickle.dumps(
+        {
+            sid: _record(sid, m)
+            for sid, m in _models.items()
+            if partitions == 1 or shard_of(sid, partitions) == partition
+        },
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+
+
+def import_states(blob: bytes) -> int:
+    """Restore models exported by :func:`export_states`; returns how many."""
+    records: dict[str, dict[str, Any]] = pickle.loads(blob)
+    for sensor_id, record in records.items():
+        _restore(sensor_id, record)
+    return len(records)
+
+
+def drop_partition(partition: int, partitions: int) -> int:
+    """Forget the models of a partition this process no longer owns; returns how many."""
+    gone = [sid for sid in _models if shard_of(sid, partitions) == partition]
+    for sid in gone:
+        del _models[sid]
+        _trackers.pop(sid, None)
+    return len(gone)
+
+
+# Persistence: one file per sensor, ``<model_dir>/<sensor_id>.model``, written atomically by
+# the process that owns the sensor (sensor ids never contain "/", so they are safe file names).
+
+
+def _save_one(sensor_id: str, model: SensorModel) -> bool:
+    assert _model_dir is not None
+    record = {"format": _FORMAT, "model": _model_path, "sensor_id": sensor_id}
+    record.update(_record(sensor_id, model))
+    path = os.path.join(_model_dir, sensor_id + MODEL_SUFFIX)
+    temp = os.path.join(_model_dir, f".{sensor_id}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temp, path)
+    except Exception:
+        log.exception("cannot save the model of sensor %s", sensor_id)
+        return False
+    return True
+
+
+def save_states() -> int:
+    """Save every model of this process to the model directory; returns how many."""
+    if _model_dir is None:
+        return 0
+    os.makedirs(_model_dir, exist_ok=True)
+    return sum(_save_one(sensor_id, model) for sensor_id, model in _models.items())
+
+
+def load_states(paths: list[str]) -> int:
+    """Load models saved by :func:`save_states`; returns how many were restored.
+
+    A file made by another model class or format, or that does not load, is skipped with a
+    warning: that sensor starts warming up again.
+    """
+    loaded = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                record = pickle.load(f)
+            if record.get("format") != _FORMAT or record.get("model") != _model_path:
+                log.warning("%s was saved by another model or format; ignored", path)
+                continue
+            _restore(record["sensor_id"], record)
+            loaded += 1
+        except Exception:
+            log.exception("cannot load the model in %s; that sensor warms up again", path)
+    return loaded
