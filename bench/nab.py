@@ -151,7 +151,21 @@ class Outcome:
     forecast: FloatArray
     flag: BoolArray
     alarms: list[tuple[float, float | None]] = field(default_factory=list)
-    """(started_at, ended_at or None while active), epoch seconds."""
+    """(started_at, ended_at or None while active), epoch seconds, one per episode."""
+    _episodes: dict[str, int] = field(default_factory=dict)
+
+    def alarm(self, alarm_id: str, state: str, started_at: float, ended_at: float | None) -> None:
+        """Take an alarm transition. An episode raised again (it came back soon after it
+        cleared) keeps its id and its start, and is active again."""
+        at = self._episodes.get(alarm_id)
+        if state == "raised":
+            if at is None:
+                self._episodes[alarm_id] = len(self.alarms)
+                self.alarms.append((started_at, None))
+            else:
+                self.alarms[at] = (self.alarms[at][0], None)
+        elif state == "cleared" and at is not None:
+            self.alarms[at] = (self.alarms[at][0], math.inf if ended_at is None else ended_at)
 
     @classmethod
     def empty(cls, n: int) -> Outcome:
@@ -346,7 +360,6 @@ class Collector:
         self.predictions = 0
         self.dropped = 0
         self.alarm_frames = 0
-        self._alarms: dict[str, tuple[str, int]] = {}
         self.progress = asyncio.Event()
 
     def take(self, message: dict[str, Any]) -> None:
@@ -375,15 +388,12 @@ class Collector:
         if entry is None:
             return
         self.alarm_frames += 1
-        _, out = entry
-        alarm_id, state = str(message["alarm_id"]), message["state"]
-        if state == "raised" and alarm_id not in self._alarms:
-            self._alarms[alarm_id] = (message["sensor_id"], len(out.alarms))
-            out.alarms.append((_stamp(message["started_at"]) or 0.0, None))
-        elif state == "cleared" and alarm_id in self._alarms:
-            _, at = self._alarms[alarm_id]
-            start, _ = out.alarms[at]
-            out.alarms[at] = (start, _stamp(message.get("ended_at")) or math.inf)
+        started = _stamp(message["started_at"])
+        if started is None:
+            raise RuntimeError(f"an alarm frame without started_at: {message}")
+        entry[1].alarm(
+            str(message["alarm_id"]), message["state"], started, _stamp(message.get("ended_at"))
+        )
 
     async def run(self, ws: ClientConnection) -> None:
         async for frame in ws:
@@ -510,10 +520,10 @@ def through_service(
 
 
 def run_model(series: Series, chunk: int) -> Outcome:
-    """The default model on one series, readings in ``ts`` order, fits inline.
+    """The default model on one series, readings in ``ts`` order, ``chunk`` per ``observe``.
 
-    One ``observe`` per ``chunk`` readings; after each, a training job the model asks for is
-    fitted and installed at once (as if the fit happened where the readings are).
+    The model fits where its readings are and tracks its own alarms, as in the service, so
+    the outcome is the service's, value for value, whatever the chunk.
     """
     from app.models.base import ModelOptions
     from app.models.ridge import RidgeForecaster
@@ -527,10 +537,8 @@ def run_model(series: Series, chunk: int) -> Outcome:
         out.ok[rows] = ~np.isnan(score)
         out.forecast[rows] = np.asarray(obs.forecast, dtype=np.float64)[:, 0]
         out.flag[rows] = np.asarray(obs.is_anomaly, dtype=bool)
-        # A constant clock: only counts and drift trigger a refit, never wall time.
-        job = model.training_job(0.0)
-        if job is not None:
-            model.install(RidgeForecaster.fit(job))
+        for _, event in obs.alarms or ():
+            out.alarm(event.alarm_id, event.state, event.started_at, event.ended_at)
     return out
 
 
