@@ -590,19 +590,22 @@ def readme_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(result_path: Path, readme: Path = README) -> None:
-    """Replace the text between the README's markers with the table of ``result_path``.
+def readme_text(text: str, data: dict[str, Any]) -> str:
+    """``text`` (a README) with the part between the markers made from ``data``.
 
     Raises:
-        ValueError: the README lacks the markers, or the file holds no figures of this script.
+        ValueError: the README lacks the markers, or ``data`` holds no figures of this script.
     """
-    data = json.loads(result_path.read_text())
-    text = readme.read_text()
     head, begin, rest = text.partition(README_BEGIN)
     _, end, tail = rest.partition(README_END)
     if not begin or not end:
-        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
-    readme.write_text(f"{head}{README_BEGIN}\n{readme_table(data)}\n{README_END}{tail}")
+        raise ValueError(f"the README lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    return f"{head}{README_BEGIN}\n{readme_table(data)}\n{README_END}{tail}"
+
+
+def write_readme(result_path: Path, readme: Path = README) -> None:
+    """Replace the text between the README's markers with the table of ``result_path``."""
+    readme.write_text(readme_text(readme.read_text(), json.loads(result_path.read_text())))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,3 +178,13 @@ def test_quick_nab_run_scores_every_reading(tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert f"| paced | {paced['found_fraction']:.0%} ({paced['found']}/" in text
+
+
+def test_readme_nab_figures_are_what_the_committed_json_gives() -> None:
+    """The README's real-data figures are exactly what bench.nab makes of results/nab.json."""
+    from bench import nab
+
+    data = json.loads((ROOT / "bench" / "results" / "nab.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    assert nab.readme_text(text, data) == text
+    assert data["details"]["modes"]["bulk"]["overall"]["series"] == 50
