@@ -44,6 +44,7 @@ SCRIPTS = (
     Script("hotpath", "service-process cost per reading, step by step", 60, 40),
     Script("model_stage", "model stage alone, CPU per reading", 240, 120),
     Script("model_quality", "model quality", 180, 60),
+    Script("nab", "quality on real series (nab-dev), bulk and paced", 420, 60),
     Script("scaleout", "scale-out on Redis beside memory://", 240, 90),
 )
 

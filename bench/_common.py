@@ -71,6 +71,8 @@ class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     series: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (per-item figures, say), written as ``details``."""
 
     def row(
         self,
@@ -112,6 +114,8 @@ class Results:
             return
         data = {"script": self.script, "rows": self.rows, "series": self.series}
         data["notes"] = self.notes
+        if self.details:
+            data["details"] = self.details
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, default=_nan_to_none))
 

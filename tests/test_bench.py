@@ -111,3 +111,80 @@ def test_readme_command_refuses_a_page_without_markers(tmp_path: Path) -> None:
     json_path.write_text(json.dumps(_report()))
     assert readme.main(["--json", str(json_path), "--readme", str(page)]) == 2
     assert page.read_text() == "# no markers\n"
+
+
+NAB_SERIES = (
+    "realKnownCause/rogue_agent_key_hold.csv",
+    "realAdExchange/exchange-3_cpc_results.csv",
+)
+
+
+def test_nab_scoring_rules() -> None:
+    """The real-data benchmark scores windows, false-alarm events and alarms as its data says."""
+    import doctest
+
+    import numpy as np
+
+    from bench import nab
+
+    assert doctest.testmod(nab).failed == 0
+    ts = np.arange(0.0, 10 * 3600, 300)  # every 5 minutes for 10 hours
+    flag = np.zeros(len(ts), dtype=bool)
+    flag[[0, 11, 24]] = True  # 0 h, 55 min (same event), 2 h (a new one)
+    flag[60] = True  # 5 h, inside the window below
+    windows = [(4.5 * 3600, 5.5 * 3600), (8 * 3600, 9 * 3600)]
+    assert nab.false_events(ts, flag, windows) == 2
+    assert nab.windows_found(ts, flag, windows) == 1
+    alarms: list[tuple[float, float | None]] = [(3 * 3600, 4.6 * 3600), (7 * 3600, None)]
+    assert nab.alarm_windows_found(alarms, windows) == 2
+    assert nab.false_alarms(alarms, windows) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_nab_run_scores_every_reading(tmp_path: Path) -> None:
+    """`bench.nab --quick` on two real series posts them in bulk and paced and scores both."""
+    from bench import nab
+
+    if not (nab.DATA / "windows.json").exists():
+        pytest.skip(f"the nab-dev data set is not at {nab.DATA}")
+    out_path = tmp_path / "nab.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.nab", "--quick", "--max-readings", "800",
+         "--series", *NAB_SERIES, "--json", str(out_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads(out_path.read_text())
+    modes = data["details"]["modes"]
+    assert set(modes) == {"bulk", "paced"}
+    series = nab.load(nab.DATA, NAB_SERIES, 800)
+    for mode in modes.values():
+        scores = {s["series"]: s for s in mode["series"]}
+        assert set(scores) == set(NAB_SERIES)
+        for s in series:
+            got = scores[s.name]
+            assert got["readings"] == 800
+            assert got["windows"] == len(s.windows)
+            assert 0 <= got["found"] <= got["windows"]
+    paced = modes["paced"]["overall"]
+    assert paced["ok_fraction"] > 0.5  # the model fitted and scored most readings
+    assert 0 < paced["mae_ratio_mean"] < 5
+    measures = {(r["item"], r["measure"]) for r in data["rows"]}
+    assert ("paced", "windows found (flags)") in measures
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{nab.README_BEGIN}\nold\n{nab.README_END}\nafter\n")
+    nab.write_readme(out_path, readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert f"| paced | {paced['found_fraction']:.0%} ({paced['found']}/" in text
+
+
+def test_readme_nab_figures_are_what_the_committed_json_gives() -> None:
+    """The README's real-data figures are exactly what bench.nab makes of results/nab.json."""
+    from bench import nab
+
+    data = json.loads((ROOT / "bench" / "results" / "nab.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    assert nab.readme_text(text, data) == text
+    assert data["details"]["modes"]["bulk"]["overall"]["series"] == 50

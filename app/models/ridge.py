@@ -95,9 +95,15 @@ CUSUM_K = 0.5
 CUSUM_H = 10.0
 """CUSUM level that makes the residuals drift and the model refit early."""
 Z_CLIP = 3.0
-VAR_THRESHOLD = 4.2
-"""Mean clipped z² over ``SMOOTH`` readings that makes a noise burst."""
+FALSE_RATE = 1e-3
+"""Rate per reading at which each detector's statistic may exceed its threshold on the
+sensor's own training window (see ``_threshold``)."""
 MIN_Z_THRESHOLD = 4.5
+MAX_Z_THRESHOLD = 30.0
+MIN_NOISE_THRESHOLD = 4.2
+"""Bounds of the mean clipped z² over ``SMOOTH`` readings that makes a noise burst (it is at
+most ``Z_CLIP**2``)."""
+MAX_NOISE_THRESHOLD = 8.0
 MAX_IMPUTED = 3
 MULTI_WIDEN = 0.12
 ACCEPT_TOLERANCE = 0.2
@@ -139,6 +145,8 @@ class ChannelFit(NamedTuple):
     level_threshold: float
     stuck_run: int
     """Repeats of the same value that the training window makes unlikely."""
+    noise_threshold: float = 4.2
+    """Mean clipped z² over ``SMOOTH`` readings that makes a noise burst."""
 
 
 class Fitted(NamedTuple):
@@ -258,17 +266,33 @@ def _robust_scale(residuals: FloatArray, floor: float) -> float:
     return max(mad, 0.1 * float(residuals.std()), floor)
 
 
-def _threshold(
-    z: FloatArray, factor: float = THRESHOLD_FACTOR, floor: float = MIN_Z_THRESHOLD
-) -> float:
-    """Adaptive threshold: well beyond the bulk of this sensor's own training scores.
+def _threshold(stat: FloatArray, factor: float, floor: float, cap: float) -> float:
+    """Adaptive threshold: well beyond the bulk of this sensor's own training statistic.
 
-    The 90th percentile of ``|z|`` (1.64 on Gaussian residuals) is little moved by the few
-    anomalies a window may hold, and grows with heavy tails.
+    The larger of two rules, clipped to ``[floor, cap]``:
+
+    - ``factor`` times the 90th percentile ``u`` (1.64 for ``|z|`` on Gaussian residuals),
+      which the few anomalies a window may hold barely move;
+    - the level exceeded at ``FALSE_RATE`` per reading when the tail above ``u`` is taken as
+      exponential (peaks over a threshold), ``P(s > u + x) = 0.1 exp(-x / b)``, that is
+      ``u + b ln(0.1 / FALSE_RATE)``, with the tail's scale ``b`` from the median excess
+      (``b ln 2``), again robust to a few anomalies. On Gaussian residuals the first rule
+      decides; heavy-tailed sensors (bursty counts, spiky loads), whose ordinary readings
+      reach far beyond a multiple of their bulk, get the second.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> round(_threshold(np.abs(rng.standard_normal(4000)), 2.8, 0.0, 99.0), 1)
+        4.6
+        >>> round(_threshold(np.abs(rng.laplace(size=4000)), 2.8, 0.0, 99.0), 1)  # exact: 6.9
+        6.8
     """
-    if len(z) == 0:
+    if len(stat) < 20:
         return floor
-    return float(np.clip(factor * np.quantile(np.abs(z), 0.9), floor, 12.0))
+    u = float(np.quantile(stat, 0.9))
+    excess = stat[stat > u] - u
+    b = float(np.median(excess)) / math.log(2) if len(excess) else 0.0
+    return float(np.clip(max(factor * u, u + b * math.log(0.1 / FALSE_RATE)), floor, cap))
 
 
 def _spoilt(outlier: BoolArray, span: int) -> BoolArray:
@@ -307,7 +331,14 @@ def _fit_channel(
             break
         keep = new_keep
     z = residuals / scale
-    threshold = _threshold(z[keep])
+    # The thresholds are judged on every row whose lag window holds no outlier, its own
+    # residual included (in scoring, a flagged reading enters the window as its forecast),
+    # so that the tail they are set in is the one scoring sees.
+    judged = ~_spoilt(outlier, WINDOW)[first - 1 : len(series) - 1]
+    threshold = _threshold(np.abs(z[judged]), THRESHOLD_FACTOR, MIN_Z_THRESHOLD, MAX_Z_THRESHOLD)
+    burst = np.convolve(np.minimum(z * z, Z_CLIP * Z_CLIP), np.ones(SMOOTH) / SMOOTH, "valid")
+    burst_judged = np.convolve(judged, np.ones(SMOOTH), "valid") >= SMOOTH - 0.5
+    noise_threshold = _threshold(burst[burst_judged], 0.0, MIN_NOISE_THRESHOLD, MAX_NOISE_THRESHOLD)
 
     horizon = Linear((0.0,) * WINDOW, 0.0, 0.0, 0.0)
     level_scale, level_threshold = 1.0, math.inf
@@ -326,7 +357,10 @@ def _fit_channel(
         if h_fit.sum() >= 32 and clean.sum() >= 16:
             level_scale = _robust_scale(smooth[clean], floor)
             level_threshold = _threshold(
-                smooth[clean] / level_scale, LEVEL_FACTOR, LEVEL_MIN_THRESHOLD
+                np.abs(smooth[clean]) / level_scale,
+                LEVEL_FACTOR,
+                LEVEL_MIN_THRESHOLD,
+                MAX_Z_THRESHOLD,
             )
 
     deltas = np.diff(series)
@@ -337,7 +371,9 @@ def _fit_channel(
         stuck_run = 1_000_000_000  # a sensor that often repeats itself is never "stuck"
     else:
         stuck_run = max(3, math.ceil(math.log(STUCK_PROBABILITY) / math.log(p_same)))
-    fit = ChannelFit(step, scale, threshold, horizon, level_scale, level_threshold, stuck_run)
+    fit = ChannelFit(
+        step, scale, threshold, horizon, level_scale, level_threshold, stuck_run, noise_threshold
+    )
     return fit, z, keep
 
 
@@ -362,7 +398,7 @@ def _multivariate(z: FloatArray) -> tuple[tuple[tuple[float, ...], ...] | None, 
         covariance = np.cov(z[inliers], rowvar=False)
     precision = np.linalg.inv(covariance + ridge)
     d = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, precision, z), 0.0))
-    threshold = _threshold(d)
+    threshold = _threshold(d, THRESHOLD_FACTOR, MIN_Z_THRESHOLD, MAX_Z_THRESHOLD)
     return tuple(tuple(row) for row in precision.tolist()), threshold
 
 
@@ -624,7 +660,7 @@ class RidgeForecaster:
                 ring = self._var_ring[o]
                 self._var_sum[o] += zq - ring[at]
                 ring[at] = zq
-                noise = self._var_sum[o] / (SMOOTH * VAR_THRESHOLD) / widen
+                noise = self._var_sum[o] / (SMOOTH * ch.noise_threshold) / widen
                 # Slow drifts and shifts: the value against the forecast made HORIZON
                 # readings ago, averaged over the last readings. (The imputed value, when
                 # there is one: a spike is the one-step detector's, and must not linger in
