@@ -46,10 +46,13 @@ class ReadingIn(msgspec.Struct, forbid_unknown_fields=True):
     id: ReadingId | None = None
 
 
-class Reading(NamedTuple):
-    """A validated reading, as it travels through the pipeline and to the workers.
+class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A validated reading, as it travels through the pipeline and to the model processes.
 
-    A tuple rather than an object: it is built and pickled once per reading on the hot path.
+    A struct the garbage collector does not track (its fields cannot form cycles): up to
+    ``queue_max_readings`` of them wait per shard, and as NamedTuples (tuple subclasses,
+    which CPython never untracks) every full collection walked them all, a pause of the event
+    loop of 60-90 ms at saturation. ``array_like``: packed as an array, as compact as a tuple.
     """
 
     sensor_id: str

@@ -9,6 +9,8 @@ import os
 import signal
 from typing import Any
 
+import msgspec
+
 from app.models.base import ModelOptions
 from app.pipeline import wire
 from app.pipeline.runner import ProcessSpec, ShardRunner
@@ -89,7 +91,7 @@ async def test_a_killed_process_is_rebuilt_and_replayed_exactly() -> None:
 async def test_a_poison_reading_is_isolated_by_bisection() -> None:
     """A reading that kills the process every time gets an error; its neighbours do not."""
     data = [Reading(f"p{i % 5}", str(i), 1e9 + i, ("value",), (float(i),), 0.0) for i in range(300)]
-    data[137] = data[137]._replace(values=(POISON,))
+    data[137] = msgspec.structs.replace(data[137], values=(POISON,))
     spec = ProcessSpec("tests.models:Poisoned", ModelOptions(warmup_readings=16))
     async with ShardRunner(0, spec) as runner:
         [outcome] = await run_all(runner, [data])
