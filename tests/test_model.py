@@ -315,3 +315,81 @@ def test_a_sustained_shift_raises_one_alarm_held_until_it_ends() -> None:
     assert end <= cleared_at < end + 30 and cleared.reason == "recovered"
     assert raised.alarm_id == cleared.alarm_id and cleared.peak_score > 0.5
     assert cleared.detectors and set(cleared.detectors) <= DETECTORS
+
+
+def test_sustained_faults_shift_several_channels_together_for_minutes() -> None:
+    """A sustained fault shifts 2 channels or more of a 4-channel sensor (the one channel of a
+    single-channel one) by the same 4-8 σ each, for 60-600 readings, labelled as such."""
+    for channels in (1, 4):
+        sim = SensorSim(
+            "s", channels=channels, seed=7, anomaly_rate=0.01, interval_s=1.0,
+            kinds=("sustained",), quiet_readings=50,
+        )  # fmt: skip
+        base = SensorSim("s", channels=channels, seed=7, anomaly_rate=0.0, interval_s=1.0)
+        ts, values, labels = sim.take(6_000)
+        _, clean, _ = base.take(6_000)
+        events = [e for e in sim.events if e.end <= 6_000]
+        assert len(events) >= 3 and all(e.kind == "sustained" for e in events)
+        for e in events:
+            assert 60 <= e.end - e.start <= 600
+            assert len(e.channels) >= min(2, channels) and e.channel == e.channels[0]
+            assert labels[e.start : e.end] == ["sustained"] * (e.end - e.start)
+            shift = (values[e.start : e.end] - clean[e.start : e.end]) / sim.noise
+            sigmas = shift[0, e.channels[0]]
+            assert 4 <= abs(sigmas) <= 8
+            moved = np.zeros(channels, dtype=bool)
+            moved[list(e.channels)] = True
+            assert np.allclose(shift[:, moved], sigmas) and np.allclose(shift[:, ~moved], 0)
+        gaps = [b.start - a.end for a, b in zip(events, events[1:], strict=False)]
+        assert min(gaps) >= 50
+    with pytest.raises(ValueError, match="unknown anomaly kinds \\['leak'\\]"):
+        SensorSim("s", kinds=("level", "leak"))
+
+
+def test_adding_the_sustained_kind_keeps_the_earlier_events_of_a_seed() -> None:
+    """A seed draws the same events as from the first five kinds alone, up to its first
+    sustained fault: each earlier kind gives a sixth of its draws to the new one."""
+    kept = 0
+    for seed in range(10):
+        six = SensorSim("s", channels=3, seed=seed, anomaly_rate=0.02)
+        five = SensorSim("s", channels=3, seed=seed, anomaly_rate=0.02, kinds=KINDS[:5])
+        _, v6, _ = six.take(2_000)
+        _, v5, _ = five.take(2_000)
+        first = next((e.start for e in six.events if e.kind == "sustained"), 2_000)
+        assert [e for e in six.events if e.start < first] == [
+            e for e in five.events if e.start < first
+        ]
+        assert np.array_equal(v6[:first], v5[:first])
+        kept += sum(e.start < first for e in five.events)
+    assert kept >= 50
+
+
+@pytest.mark.parametrize(("channels", "seed"), [(4, 2), (4, 5), (1, 19), (1, 34)])
+def test_a_simulated_sustained_fault_raises_one_alarm_held_then_cleared(
+    channels: int, seed: int
+) -> None:
+    """A sustained fault of the simulator on a 1 Hz sensor (4 channels; 1 channel shifted by
+    4.5-5 σ), after 1,500 normal readings: one alarm, raised within 10 readings, held for 90 %
+    of the fault or more, cleared within 30 readings of its end."""
+    sim = SensorSim(
+        "s", channels=channels, seed=seed, anomaly_rate=0.0, interval_s=1.0,
+        kinds=("sustained",), profile="seasonal",
+    )  # fmt: skip
+    parts = [sim.take(1_500)]
+    sim.anomaly_rate = 1.0  # the next reading starts one
+    parts.append(sim.take(1))
+    sim.anomaly_rate = 0.0
+    (fault,) = sim.events
+    parts.append(sim.take(fault.end - fault.start + 200))
+    ts = np.concatenate([p[0] for p in parts])
+    values = np.concatenate([p[1] for p in parts])
+    assert fault.start == 1_500 and len(fault.channels) >= min(2, channels)
+    out = drive(RidgeForecaster("s", sim.names, ModelOptions()), ts, values, chunk=100)
+    alarms = list(out["alarms"])
+    assert [e.state for _, e in alarms] == ["raised", "cleared"], alarms
+    (raised_at, _), (cleared_at, cleared) = alarms
+    assert fault.start <= raised_at < fault.start + 10
+    held = (min(cleared_at, fault.end) - raised_at) / (fault.end - fault.start)
+    assert held >= 0.9
+    assert fault.end <= cleared_at < fault.end + 30 and cleared.reason == "recovered"
+    assert set(cleared.channels) <= {sim.names[o] for o in fault.channels}

@@ -48,11 +48,12 @@ Alarms
     is raised the fault is not learnt: readings enter the window marked (the fit leaves them
     out) and refits wait. The detectors soon follow a sustained shift (the forecasts start
     from the latest values), so the alarm is held while the mean of the last ``SMOOTH``
-    readings stays ``BASELINE_K`` robust spreads away from the level of the
-    ``BASELINE_READINGS`` readings before it, on a channel that was flat then (its spread
-    within ``BASELINE_FLAT`` noise scales; a channel with a cycle or a trend is held by its
-    flags alone). When the tracker declares a new normal, the
-    marks are lifted and the model refits on it at once.
+    readings is nearer the level of the alarm's readings than the level of the
+    ``BASELINE_READINGS`` readings before it, on the channels the fault moved (their mean
+    during the alarm ``BASELINE_K`` robust spreads or more from that level) and that were
+    flat before it (their spread within ``BASELINE_FLAT`` noise scales); when no channel
+    judges, the flags alone hold it. When the tracker declares a new normal, the marks are
+    lifted and the model refits on it at once.
 
 Explanation
     Each anomalous reading names the (channel, detector) pairs over their thresholds, with
@@ -114,7 +115,8 @@ BASELINE_FLAT = 2.0
 """A channel whose spread before the alarm is within this many noise scales is flat enough
 for that level to stand for its normal."""
 BASELINE_K = 3.0
-"""How far (in robust spreads of those readings) the recent mean must stay to hold it."""
+"""How far (in robust spreads of those readings) a channel's mean during the alarm must be
+from that level for the channel to judge whether the fault lasts."""
 MIN_NEW_READINGS = 16
 """Readings needed since the last refit before a time- or drift-triggered refit."""
 
@@ -476,9 +478,10 @@ class RidgeForecaster:
         self._values: deque[tuple[float, ...]] = deque(maxlen=self._history)
         self._flagged: deque[bool] = deque(maxlen=self._history)
         self._tails: list[list[float]] = [[] for _ in range(c)]
-        self._baseline: list[tuple[float, float] | None] | None = None
-        """(level, scale) per channel before the raised alarm: the fault is judged against it
-        while the alarm lasts, since the detectors soon follow a sustained shift."""
+        self._baseline: list[list[float] | None] | None = None
+        """Per channel, its level and spread before the raised alarm, and what the alarm's
+        readings say of it (see ``_level_before``): the fault is judged against it while the
+        alarm lasts, since the detectors soon follow a sustained shift."""
         self._last_ts = -math.inf
         self._last_raw: list[float] = [math.nan] * c
         self._fit: Fitted | None = None
@@ -772,8 +775,10 @@ class RidgeForecaster:
             self._flagged = deque([False] * len(self._flagged), maxlen=self._history)
             self._relearn = True
 
-    def _level_before(self) -> list[tuple[float, float] | None]:
-        """Each channel's level and spread over the unflagged readings before the alarm.
+    def _level_before(self) -> list[list[float] | None]:
+        """Each channel's ``[level, spread, sum, count, judges]`` over the unflagged readings
+        before the alarm (``sum`` and ``count`` gather the alarm's own readings, and
+        ``judges`` turns 1 once they show the fault moved the channel, all from 0).
 
         None for a channel whose level moved more than its noise over those readings (a
         daily cycle, a trend): its level before the alarm says little of its normal later.
@@ -781,30 +786,49 @@ class RidgeForecaster:
         rows = [v for v, f in zip(self._values, self._flagged, strict=True) if not f]
         rows = rows[-BASELINE_READINGS:] or list(self._values)[-BASELINE_READINGS:]
         fit = self._fit
-        out = []
+        out: list[list[float] | None] = []
         for o in range(len(self.channels)):
             column = np.array([row[o] for row in rows], dtype=np.float64)
             level = float(np.median(column))
             noise = fit.channels[o].scale if fit is not None else 1e-9
             spread = _robust_scale(column - level, noise)
-            out.append((level, spread) if spread <= BASELINE_FLAT * noise else None)
+            flat = spread <= BASELINE_FLAT * noise
+            out.append([level, spread, 0.0, 0.0, 0.0] if flat else None)
         return out
 
     def _away(self, row: list[float]) -> bool | None:
         """While an alarm is raised: is the mean of the last readings (this one included)
-        still away from the level before the alarm? None when that cannot be told."""
+        still nearer the level of the alarm's readings than the level before it? None when
+        that cannot be told.
+
+        Only the channels the fault moved judge: those whose mean over the alarm's readings
+        (``SMOOTH`` of them at least, so that one noisy reading does not make a channel
+        judge) has been ``BASELINE_K`` spreads or more from their level before it; until one
+        does, the flags decide. Judging by the halfway point rather than by a fixed distance
+        from the old level holds a fault of a few σ as firmly as a large one, and lets the
+        alarm clear when a large one ends even if the level has wandered meanwhile.
+        """
         baseline = self._baseline
         if baseline is None or not any(baseline):
             return None
         recent = list(self._values)[-(SMOOTH - 1) :]
+        judged = away = False
         for o, channel in enumerate(baseline):
             if channel is None:
                 continue
-            level, scale = channel
-            mean = (row[o] + sum(v[o] for v in recent)) / (len(recent) + 1)
-            if abs(mean - level) > BASELINE_K * scale:
-                return True
-        return False
+            channel[2] += row[o]
+            channel[3] += 1.0
+            level, spread, total, count, judges = channel
+            shift = total / count - level
+            if not judges:
+                if count < SMOOTH or abs(shift) < BASELINE_K * spread:
+                    continue
+                channel[4] = 1.0
+            judged = True
+            if not away:
+                mean = (row[o] + sum(v[o] for v in recent)) / (len(recent) + 1)
+                away = (mean - level) * shift > 0.5 * shift * shift
+        return away if judged else None
 
     def _take(self, t: float, row: list[float], flagged: bool) -> None:
         """Append an in-order reading to the window and the lag tails."""
