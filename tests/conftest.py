@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -190,29 +191,41 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> in
     return proc.returncode
 
 
+@contextlib.contextmanager
+def running(backend: str, tmp: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A server on ``memory://``, or an API replica with a worker on a real redis-server
+    (``env`` goes to both), stopped at the end."""
+    env = dict(env or {})
+    if backend == "memory":
+        srv = start_server(tmp, env)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+        return
+    redis = RedisServer(tmp)
+    redis.start()
+    env["SENSORCAST_BACKEND"] = redis.url
+    worker = start_worker(tmp, env)
+    try:
+        srv = start_server(tmp, env)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        stop_process(worker)
+        redis.stop()
+
+
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """One server shared by a test module, on each backend: the embedded default, and an API
     replica with a worker on a real redis-server."""
-    tmp = tmp_path_factory.mktemp(f"server-{request.param}")
-    if request.param == "memory":
-        srv = start_server(tmp)
+    with running(request.param, tmp_path_factory.mktemp(f"server-{request.param}")) as srv:
         yield srv
-        srv.stop()
-        return
-    redis = RedisServer(tmp)
-    redis.start()
-    env = {"SENSORCAST_BACKEND": redis.url}
-    worker = start_worker(tmp, env)
-    try:
-        srv = start_server(tmp, env)
-        yield srv
-        srv.stop()
-    finally:
-        stop_process(worker)
-        redis.stop()
 
 
 @pytest.fixture(scope="module")

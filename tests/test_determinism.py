@@ -13,17 +13,7 @@ import httpx
 import pytest
 
 from app.simulate import SensorSim
-from tests.conftest import (
-    RedisServer,
-    Server,
-    collect,
-    connect,
-    quiet,
-    receive_json,
-    start_server,
-    start_worker,
-    stop_process,
-)
+from tests.conftest import Server, collect, connect, quiet, receive_json, running
 
 VOLATILE = ("seq", "epoch", "sensor_id", "id", "ingested_at", "predicted_at", "swapped_at")
 READINGS = 400
@@ -78,23 +68,8 @@ def topology(
     """One shard or two, embedded or on Redis with a worker."""
     backend, shards = request.param.split("-")
     tmp: Path = tmp_path_factory.mktemp(request.param)
-    env = {"SENSORCAST_WORKERS": shards}
-    if backend == "memory":
-        srv = start_server(tmp, env)
+    with running(backend, tmp, {"SENSORCAST_WORKERS": shards}) as srv:
         yield srv
-        srv.stop()
-        return
-    redis = RedisServer(tmp)
-    redis.start()
-    env["SENSORCAST_BACKEND"] = redis.url
-    worker = start_worker(tmp, env)
-    try:
-        srv = start_server(tmp, env)
-        yield srv
-        srv.stop()
-    finally:
-        stop_process(worker)
-        redis.stop()
 
 
 RESULTS: dict[str, dict[str, list[tuple[str, str]]]] = {}

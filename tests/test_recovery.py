@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import (
-    RedisServer,
-    Server,
-    collect,
-    connect,
-    receive_json,
-    start_server,
-    start_worker,
-    stop_process,
-)
+from tests.conftest import Server, collect, connect, receive_json, running
 from tests.models import POISON
 
 
@@ -183,7 +173,8 @@ async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(
     """A reading that kills its model process every time gets status error, on either
     topology; its neighbours in the same batch are predicted."""
     env = {"SENSORCAST_MODEL": "tests.models:Poisoned", "SENSORCAST_WORKERS": "1"}
-    with poisoned_topology(backend, tmp_path, env) as srv:
+    env = {**env, "SENSORCAST_PARTITIONS": "2"} if backend == "redis" else env
+    with running(backend, tmp_path, env) as srv:
         body = [{"sensor_id": f"p{i % 5}", "value": float(i), "id": str(i)} for i in range(300)]
         body[137]["value"] = POISON
         async with (
@@ -203,30 +194,6 @@ async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(
     assert ready.status_code == 200
     if backend == "memory":
         assert ready.json()["pool"]["rebuilds"] >= 2
-
-
-@contextlib.contextmanager
-def poisoned_topology(backend: str, tmp: Path, env: dict[str, str]) -> Iterator[Server]:
-    if backend == "memory":
-        srv = start_server(tmp, env)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-        return
-    redis = RedisServer(tmp)
-    redis.start()
-    env = {**env, "SENSORCAST_BACKEND": redis.url, "SENSORCAST_PARTITIONS": "2"}
-    worker = start_worker(tmp, env)
-    try:
-        srv = start_server(tmp, env)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        stop_process(worker)
-        redis.stop()
 
 
 async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory) -> None:
