@@ -305,3 +305,24 @@ async def test_dashboard_smooths_a_bursty_rate(page: Page, embedded_server: Serv
     settled = shown[20:]
     assert all(150 < r < 250 for r in settled), settled
     assert max(settled) - min(settled) < 100
+
+
+async def test_dashboard_lists_active_alarms(embedded_server: Server, page: Page) -> None:
+    """A sustained fault's alarm appears in the dashboard's active alarms while it lasts,
+    with its sensor, and leaves the list when it clears."""
+    from tests.test_alarms import END, START, fault_series
+
+    server = embedded_server
+    await page.goto(server.url + "/")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    series = fault_series("dash-alarm")
+    for i in range(0, START + 100, 500):
+        await send(server, series[i : min(i + 500, START + 100)])
+    alarm = page.locator('#alarms li[data-alarm^="dash-alarm@"]')
+    await expect(alarm).to_have_count(1, timeout=20_000)
+    await expect(alarm).to_contain_text("dash-alarm")
+    assert int(await page.locator("#alarm-count").inner_text()) >= 1
+    for i in range(START + 100, len(series), 500):
+        await send(server, series[i : i + 500])
+    await expect(alarm).to_have_count(0, timeout=20_000)
+    assert END < len(series)

@@ -28,6 +28,7 @@ const state = {
   prevStats: null,
   rate: null,           // readings/s, smoothed (see smoothRate)
   blocked: false,       // the service refused us for our key: no point retrying without a new one
+  alarms: new Map(),    // alarm_id -> the alarm, while it is active
 };
 
 const RATE_TAU_S = 5;   // time constant of the readings/s average
@@ -135,6 +136,41 @@ async function loadSensors() {
     select(state.sensors.has(wanted) ? wanted : body.sensors[0].sensor_id);
   }
   state.dirty.list = true;
+}
+
+async function loadAlarms() {
+  const body = await getJSON("/v1/alarms?state=active");
+  state.alarms.clear();
+  for (const a of body.alarms) state.alarms.set(a.alarm_id, a);
+  renderAlarms();
+}
+
+function onAlarm(a) {
+  if (a.state === "raised") state.alarms.set(a.alarm_id, { ...a, acknowledged: false });
+  else if (a.state === "cleared") state.alarms.delete(a.alarm_id);
+  else if (a.state === "acknowledged" && state.alarms.has(a.alarm_id)) {
+    state.alarms.get(a.alarm_id).acknowledged = true;
+  }
+  renderAlarms();
+}
+
+function renderAlarms() {
+  const list = $("alarms");
+  list.replaceChildren();
+  const active = [...state.alarms.values()].sort((a, b) => (a.started_at < b.started_at ? 1 : -1));
+  for (const a of active) {
+    const li = document.createElement("li");
+    li.dataset.alarm = a.alarm_id;
+    const name = document.createElement("b");
+    name.textContent = a.sensor_id;
+    const since = new Date(a.started_at).toLocaleString();
+    const what = [a.channels.join(", "), a.detectors.join(", ")].filter(Boolean).join(" · ");
+    li.append(name, ` since ${since}: ${what}, peak ${fmt(a.peak_score)}`);
+    if (a.acknowledged) li.append(" (acknowledged)");
+    list.append(li);
+  }
+  $("alarm-count").textContent = String(active.length);
+  $("no-alarms").hidden = active.length > 0;
 }
 
 function renderList() {
@@ -397,6 +433,7 @@ function onFrame(m) {
         state.epoch = null;
         state.lastSeq = null;
         state.sensors.clear();
+        state.alarms.clear();
         state.series = [];
         const old = state.ws;
         state.ws = null;
@@ -420,13 +457,19 @@ function onFrame(m) {
     case "model":
       if (m.seq > state.lastSeq) state.lastSeq = m.seq;
       break;
+    case "alarm":
+      if (m.snapshot || m.seq > state.lastSeq) onAlarm(m);
+      if (m.seq > state.lastSeq) state.lastSeq = m.seq;
+      break;
     case "lagged":
       state.lagged += m.dropped;
       $("lagged").textContent = state.lagged.toLocaleString();
       loadSensors().catch(console.warn);
+      loadAlarms().catch(console.warn);
       break;
     case "gap":
       loadSensors().catch(console.warn);
+      loadAlarms().catch(console.warn);
       break;
   }
 }
@@ -466,4 +509,5 @@ setInterval(frame, 200);
 setInterval(() => { state.dirty.list = true; }, 1000);  // let anomaly flashes fade
 setInterval(() => { if (!state.blocked) pollStats(); }, 1000);
 loadSensors().catch(console.warn).finally(() => { if (!state.blocked) connect(); });
+loadAlarms().catch(console.warn);
 pollStats();
