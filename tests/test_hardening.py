@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from bench.hardening import tree_rss
 from tests.conftest import Server, collect, connect, post, receive_json, start_server
 from tests.rawws import RawClient
 
@@ -506,17 +506,6 @@ PER_SENSOR_BOUND_KIB = 24
 """Generous against the README's measured figure (see "Hardening and limits")."""
 
 
-def _tree_rss(pid: int) -> int:
-    proc = psutil.Process(pid)
-    total: int = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 @pytest.mark.slow
 async def test_memory_per_sensor_is_bounded(server_factory: Callable[..., Server]) -> None:
     """20,000 sensors of one reading each cost the service and its model processes less than
@@ -527,13 +516,13 @@ async def test_memory_per_sensor_is_bounded(server_factory: Callable[..., Server
         warm = [{"sensor_id": f"warm-{i}", "value": 1.0} for i in range(1000)]
         assert (await post(http, warm)).status_code == 202
         await _wait_total(http, 1000)
-        before = _tree_rss(srv.proc.pid)
+        before = tree_rss(srv.proc.pid)
         for start in range(0, sensors, 1000):
             body = [{"sensor_id": f"mem-{i}", "value": 1.0} for i in range(start, start + 1000)]
             assert (await post(http, body)).status_code == 202
         await _wait_total(http, 1000 + sensors)
         await asyncio.sleep(6)  # one checkpoint interval: the copy in the service is counted
-        grown = _tree_rss(srv.proc.pid) - before
+        grown = tree_rss(srv.proc.pid) - before
     per_sensor_kib = grown / sensors / 1024
     print(f"memory per sensor: {per_sensor_kib:.1f} KiB")
     assert 0 < per_sensor_kib < PER_SENSOR_BOUND_KIB
