@@ -125,11 +125,6 @@ return first
 """
 
 
-def partition_of(sensor_id: str, partitions: int) -> int:
-    """The partition a sensor's readings go to (see ``app/pipeline/routing.py``)."""
-    return shard_of(sensor_id, partitions)
-
-
 def entry_readings(fields: dict[bytes, bytes]) -> list[Reading]:
     """The readings of a stream entry, less the ones that were duplicates.
 
@@ -311,7 +306,7 @@ class RedisBackend:
         """
         chunks: dict[int, list[Reading]] = {}
         for r in readings:
-            chunks.setdefault(partition_of(r.sensor_id, partitions), []).append(r)
+            chunks.setdefault(shard_of(r.sensor_id, partitions), []).append(r)
         args: list[Any] = [self.prefix, int(dedup_ttl_s), capacity, len(chunks)]
         for p, chunk in chunks.items():
             args += [p, encode_readings(chunk), len(chunk)]

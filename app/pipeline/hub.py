@@ -549,13 +549,6 @@ class PredictionHub:
                 frames.append(s.last[:-1] + ',"snapshot":true}')
         return frames
 
-    def snapshot(self, filter: SensorFilter) -> list[str]:
-        """Every snapshot frame at once (for tests and small services; the relay slices):
-        the latest prediction of each matching sensor, then their active alarms."""
-        return self.snapshot_frames(self.sensor_ids(), filter) + self.alarms.snapshot(
-            filter.wants_sensor
-        )
-
     def sensor_page(
         self, limit: int = SENSOR_PAGE_MAX, after: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]:

@@ -7,10 +7,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from app.backends.redis import RedisBackend, RedisUnavailable, partition_of
+from app.backends.redis import RedisBackend, RedisUnavailable
 from app.config import Settings
 from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import Overloaded, SensorRegistry
+from app.pipeline.routing import shard_of
 from app.schemas import Reading, TooLarge
 
 
@@ -56,9 +57,7 @@ class RemoteIngest:
         self.registry.check(ids)
         if len(readings) > self.settings.queue_max_readings:
             largest = max(
-                Counter(
-                    partition_of(r.sensor_id, self.settings.partitions) for r in readings
-                ).values()
+                Counter(shard_of(r.sensor_id, self.settings.partitions) for r in readings).values()
             )
             if largest > self.settings.queue_max_readings:
                 raise TooLarge(

@@ -31,7 +31,7 @@ Body = tuple[str, str, bool, bytes]
 ``model``, ``alarm`` (alarms count as anomalies for ``anomalies_only``)."""
 
 
-class ExplanationItem(msgspec.Struct, array_like=False):
+class ExplanationItem(msgspec.Struct):
     channel: str
     detector: str
     share: float
