@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     refused (507), the whole request with them."""
     sensor_idle_evict_s: float = Field(86_400.0, ge=0)
     """A sensor without readings for this long is forgotten (its model saved first where a
-    model dir is set, so it resumes when it returns); 0 never evicts."""
+    model dir is set, or in Redis by a worker, so it resumes when it returns); 0 never evicts."""
 
     # Request limits
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.pipeline import shard, wire
 from app.pipeline.batcher import BatchObserver
+from app.pipeline.ingest import SensorRegistry, sweep_period
 from app.pipeline.pipeline import make_runners
 from app.pipeline.runner import CheckpointCadence, Done, ShardRunner
 from app.schemas import Reading
@@ -65,12 +67,18 @@ return 0
 """
 
 # Save a partition's checkpoint and trim its stream, fenced by the lease: a worker that lost
-# the partition without knowing it yet must not overwrite its successor's checkpoint.
-# KEYS: lease, ckpt, stream; ARGV: owner, last id, states.
+# the partition without knowing it yet must not overwrite its successor's checkpoint. In the
+# same step, the models of sensors resumed since the last checkpoint leave ``models:{p}`` (the
+# checkpoint has them now) and those of sensors evicted now go there (it no longer has them).
+# KEYS: lease, ckpt, stream, models; ARGV: owner, last id, states, n evicted, n evicted
+# (sensor id, model) pairs, then the resumed sensor ids.
 _CHECKPOINT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], 'id', ARGV[2], 'states', ARGV[3])
 redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
+local evicted = 5 + 2 * tonumber(ARGV[4])
+for i = evicted, #ARGV do redis.call('HDEL', KEYS[4], ARGV[i]) end
+for i = 5, evicted - 1, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
@@ -211,7 +219,7 @@ class Worker:
         serving = _Partition(self, p, runner, token)
         try:
             await self._ensure_group(stream)
-            await self._restore(p, runner)
+            await self._restore(serving)
             # Entries read by a previous owner and never acknowledged come first, in order.
             start: bytes | str = "0-0"
             while True:
@@ -236,7 +244,7 @@ class Worker:
                     await serving.complete(wait_all=False)
                 elif serving.in_flight:
                     await serving.publish_oldest()
-                if serving.cadence.due():
+                if serving.cadence.due() or serving.sweep_due():
                     await serving.checkpoint()
             await serving.complete(wait_all=True)
             await serving.checkpoint()
@@ -266,13 +274,15 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _restore(self, p: int, runner: ShardRunner) -> None:
+    async def _restore(self, serving: _Partition) -> None:
         """Bring the model process's copy of the partition's models up to date."""
+        p, runner = serving.p, serving.runner
         stream = self.key(f"readings:{p}")
         checkpoint = await self.redis.hgetall(self.key(f"ckpt:{p}"))
         after = checkpoint.get(b"id", b"0-0")
         if b"states" in checkpoint:
-            await runner.call(shard.import_states, checkpoint[b"states"], mutates=True)
+            restored = await runner.call(shard.import_states, checkpoint[b"states"], mutates=True)
+            serving.sensors.touch(restored, time.time())
         # Replay what was acknowledged since the checkpoint: not pending, already delivered.
         pending = {
             e["message_id"]
@@ -293,6 +303,7 @@ class Worker:
                 if entry_id not in pending:
                     readings.extend(entry_readings(fields))
             if readings:
+                await serving.resume(readings)
                 blob = wire.encode_readings(readings)
                 await runner.call(shard.run_batch, blob, True, mutates=True)
                 replayed += len(readings)
@@ -317,6 +328,12 @@ class _Partition:
         )
         self.in_flight: deque[_Batch] = deque()
         self.last_acked: bytes | None = None
+        self.sensors = SensorRegistry(settings.max_sensors)
+        """The sensors whose models this ownership holds, with when each was last seen."""
+        self.resumed: set[str] = set()
+        """Sensors brought back from ``models:{p}`` since the last checkpoint."""
+        self.idle_s = settings.sensor_idle_evict_s
+        self.next_sweep = time.monotonic() + sweep_period(self.idle_s)
 
     async def take(self, entries: list[Entry]) -> None:
         """Cut entries into batches of whole entries, about ``batch_max_size`` readings each."""
@@ -345,11 +362,32 @@ class _Partition:
             await self.publish_oldest()
         done: asyncio.Future[Done]
         if readings:
+            await self.resume(readings)
             done = self.runner.submit(readings)
         else:
             done = asyncio.get_running_loop().create_future()
             done.set_result(Done(wire.BatchOutcome(b"", 0, 0, 0), None))
         self.in_flight.append(_Batch(ids, readings, done))
+
+    async def resume(self, readings: list[Reading]) -> None:
+        """Before the first readings of a sensor in this ownership: bring its model back from
+        ``models:{p}`` when it was evicted as idle."""
+        seen = self.sensors.last_seen
+        ids = {r.sensor_id for r in readings}
+        new = [sid for sid in ids if sid not in seen]
+        if new:
+            worker = self.worker
+            models = await worker.redis.hmget(worker.key(f"models:{self.p}"), new)
+            found = [(sid, blob) for sid, blob in zip(new, models, strict=True) if blob]
+            if found:
+                await self.runner.call(
+                    shard.import_states, *(blob for _, blob in found), mutates=True
+                )
+                self.resumed.update(sid for sid, _ in found)
+        self.sensors.touch(ids, time.time())
+
+    def sweep_due(self) -> bool:
+        return self.idle_s > 0 and time.monotonic() >= self.next_sweep
 
     async def complete(self, wait_all: bool) -> None:
         """Publish the batches that are done (all of them, with ``wait_all``)."""
@@ -378,16 +416,31 @@ class _Partition:
             worker.observer(batch.readings, done)
 
     async def checkpoint(self) -> None:
-        """Save the partition's models as of the last acknowledged entry; trim the stream."""
+        """Save the partition's models as of the last acknowledged entry; trim the stream.
+        When a sweep is due, the sensors idle for ``sensor_idle_evict_s`` leave the model
+        process in the same step, their models kept in ``models:{p}`` until they return."""
         await self.complete(wait_all=True)
-        if self.last_acked is None or not self.cadence.readings:
+        idle: list[str] = []
+        if self.sweep_due():
+            self.next_sweep = time.monotonic() + sweep_period(self.idle_s)
+            if self.last_acked is not None:
+                idle = self.sensors.idle(time.time() - self.idle_s)
+        if self.last_acked is None or not (self.cadence.readings or idle):
             return
-        worker, p = self.worker, self.p
-        states = await self.runner.call(shard.export_states, p, worker.partitions)
-        keys = [worker.key(f"lease:{p}"), worker.key(f"ckpt:{p}"), worker.key(f"readings:{p}")]
-        if not await worker._save(keys=keys, args=[self.token, self.last_acked, states]):
+        worker, p, runner = self.worker, self.p, self.runner
+        evicted = await runner.call(shard.evict_sensors, idle, True, mutates=True) if idle else {}
+        states = await runner.call(shard.export_states, p, worker.partitions)
+        keys = [worker.key(name) for name in (f"lease:{p}", f"ckpt:{p}", f"readings:{p}")]
+        keys.append(worker.key(f"models:{p}"))
+        pairs = itertools.chain.from_iterable(evicted.items())
+        args: list[Any] = [self.token, self.last_acked, states, len(evicted), *pairs]
+        args.extend(self.resumed)
+        if not await worker._save(keys=keys, args=args):
             raise LeaseLost
+        self.resumed.clear()
         self.cadence.reset()
+        if evicted:
+            log.info("partition %d: evicted %d idle sensors", p, len(evicted))
 
 
 async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:

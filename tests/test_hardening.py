@@ -15,10 +15,19 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
 from bench.hardening import tree_rss
-from tests.conftest import Server, collect, connect, post, receive_json, start_server
+from tests.conftest import (
+    Server,
+    collect,
+    connect,
+    post,
+    receive_json,
+    running,
+    start_server,
+)
 from tests.rawws import RawClient
 
 KEY_A = "hardening-key-a-0123456789"
@@ -343,48 +352,67 @@ def _reading(sensor: str, n: int, base: float) -> dict[str, Any]:
     }
 
 
-async def test_sensor_limit_and_idle_eviction_with_resume(
-    server_factory: Callable[..., Server], tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_sensor_limit_and_idle_eviction_with_resume(backend: str, tmp_path: Path) -> None:
     """New sensors past max_sensors are refused whole (507, the limit named); an idle sensor is
-    evicted (its model saved), which frees its slot, and comes back with its model version."""
+    evicted (its model kept: in the model dir, or in Redis by the worker), which frees its slot,
+    and comes back with its model version."""
     model_dir = tmp_path / "models"
-    srv = server_factory(
-        workers="1",
-        max_sensors="2",
-        sensor_idle_evict_s="3",
-        model_dir=str(model_dir),
-        model_warmup_readings="32",
-    )
+    env = {
+        "SENSORCAST_MAX_SENSORS": "2",
+        "SENSORCAST_SENSOR_IDLE_EVICT_S": "3",
+        "SENSORCAST_MODEL_WARMUP_READINGS": "32",
+    }
+    if backend == "memory":
+        env |= {"SENSORCAST_WORKERS": "1", "SENSORCAST_MODEL_DIR": str(model_dir)}
+
+    async def model_kept() -> bool:
+        if backend == "memory":
+            return (model_dir / "ev-a.model").exists()
+        async with aioredis.from_url(srv.env["SENSORCAST_BACKEND"]) as r:
+            keys = [k async for k in r.scan_iter(match="sensorcast:models:*")]
+            return any([await r.hexists(k, "ev-a") for k in keys])
+
     base = time.time() - 1000
-    async with connect(srv.ws_url) as ws, httpx.AsyncClient(base_url=srv.url, timeout=10) as http:
-        assert (await receive_json(ws))["type"] == "hello"
-        assert (await post(http, [_reading("ev-a", n, base) for n in range(40)])).status_code == 202
-        first = await collect(ws, 41, kinds=("prediction", "model"))
-        [model] = [m for m in first if m["type"] == "model"]
-        version = model["model_version"]
-        assert model["sensor_id"] == "ev-a" and version >= 1
-        refused = await post(
-            http, [_reading("ev-a", 40, base), _reading("ev-b", 0, base), _reading("ev-c", 0, base)]
-        )
-        assert refused.status_code == 507
-        detail = refused.json()["detail"]
-        assert "SENSORCAST_MAX_SENSORS" in detail and "limit of 2 sensors" in detail
-        assert (await post(http, [_reading("ev-b", 0, base)])).status_code == 202
-        # Nothing of the refused request was taken: the next prediction is ev-b's.
-        [after] = await collect(ws, 1)
-        assert after["id"] == "ev-b-0"
-        deadline = time.monotonic() + 15
-        while (await http.get("/v1/sensors/ev-a")).status_code != 404:
-            assert time.monotonic() < deadline, "ev-a was not evicted"
-            await asyncio.sleep(0.1)
-        assert (model_dir / "ev-a.model").exists()
-        while (await post(http, [_reading("ev-c", 0, base)])).status_code == 507:
-            assert time.monotonic() < deadline, "no slot was freed"
-            await asyncio.sleep(0.1)
-        assert (await post(http, [_reading("ev-a", 41, base)])).status_code == 202
-        back = [m for m in await collect(ws, 2) if m["sensor_id"] == "ev-a"]
-        assert back and back[-1]["model_version"] == version and back[-1]["status"] == "ok"
+    with running(backend, tmp_path, env) as srv:
+        async with (
+            connect(srv.ws_url) as ws,
+            httpx.AsyncClient(base_url=srv.url, timeout=10) as http,
+        ):
+            assert (await receive_json(ws))["type"] == "hello"
+            batch = [_reading("ev-a", n, base) for n in range(40)]
+            assert (await post(http, batch)).status_code == 202
+            first = await collect(ws, 41, kinds=("prediction", "model"))
+            [model] = [m for m in first if m["type"] == "model"]
+            version = model["model_version"]
+            assert model["sensor_id"] == "ev-a" and version >= 1
+            refused = await post(
+                http,
+                [_reading("ev-a", 40, base), _reading("ev-b", 0, base), _reading("ev-c", 0, base)],
+            )
+            assert refused.status_code == 507
+            detail = refused.json()["detail"]
+            assert "SENSORCAST_MAX_SENSORS" in detail and "limit of 2 sensors" in detail
+            assert (await post(http, [_reading("ev-b", 0, base)])).status_code == 202
+            # Nothing of the refused request was taken: the next prediction is ev-b's.
+            [after] = await collect(ws, 1)
+            assert after["id"] == "ev-b-0"
+            deadline = time.monotonic() + 15
+            while (await http.get("/v1/sensors/ev-a")).status_code != 404:
+                assert time.monotonic() < deadline, "ev-a was not evicted"
+                await asyncio.sleep(0.1)
+            while not await model_kept():
+                assert time.monotonic() < deadline, "ev-a's model was not kept"
+                await asyncio.sleep(0.1)
+            while (await post(http, [_reading("ev-c", 0, base)])).status_code == 507:
+                assert time.monotonic() < deadline, "no slot was freed"
+                await asyncio.sleep(0.1)
+            # ev-b, idle since, leaves too; then ev-a has a slot again.
+            while (await post(http, [_reading("ev-a", 41, base)])).status_code == 507:
+                assert time.monotonic() < deadline, "ev-b was not evicted"
+                await asyncio.sleep(0.1)
+            back = [m for m in await collect(ws, 2) if m["sensor_id"] == "ev-a"]
+            assert back and back[-1]["model_version"] == version and back[-1]["status"] == "ok"
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ Keys, all under a prefix (``sensorcast:`` by default):
   ``n`` (its message count) and ``b`` (the bodies). Every API replica reads it.
 - ``seq``, ``epoch``: the numbering. ``epoch`` is created once; a Redis that lost its data
   makes a new one.
-- ``lease:{p}``, ``workers``, ``ckpt:{p}``: which worker owns which partition, who is alive,
-  and each partition's model checkpoint (see ``app/worker.py``).
+- ``lease:{p}``, ``workers``, ``ckpt:{p}``, ``models:{p}``: which worker owns which
+  partition, who is alive, each partition's model checkpoint, and the models of its sensors
+  evicted as idle (see ``app/worker.py``).
 
 Every write that must be whole is a Lua script, so it is atomic: a request is admitted whole or
 not at all, and a batch's predictions are numbered, appended and acknowledged together.

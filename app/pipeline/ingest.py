@@ -12,12 +12,15 @@ with another's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from app.pipeline.routing import shard_of
 from app.schemas import Reading, TooLarge
+
+log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
@@ -175,6 +178,22 @@ class SensorRegistry:
         for sid in gone:
             del seen[sid]
         return gone
+
+
+def sweep_period(idle_s: float) -> float:
+    """How often idle sensors are looked for: a quarter of ``idle_s``, at most a minute."""
+    return min(60.0, max(0.05, idle_s / 4))
+
+
+async def sweep_idle(idle_s: float, evict_idle: Callable[[float], Awaitable[object]]) -> None:
+    """Call ``evict_idle(horizon)`` every :func:`sweep_period`, with the epoch time before
+    which a sensor's last reading makes it idle; runs until cancelled."""
+    while True:
+        await asyncio.sleep(sweep_period(idle_s))
+        try:
+            await evict_idle(time.time() - idle_s)
+        except Exception:
+            log.exception("evicting idle sensors failed; trying again later")
 
 
 class ShardQueue:

@@ -15,7 +15,7 @@ from app.backends.base import Backend
 from app.config import Settings
 from app.pipeline import shard
 from app.pipeline.batcher import Batcher, BatchObserver
-from app.pipeline.ingest import Ingestor, RecentIds, SensorRegistry, ShardQueue
+from app.pipeline.ingest import Ingestor, RecentIds, SensorRegistry, ShardQueue, sweep_idle
 from app.pipeline.publish import Publisher
 from app.pipeline.routing import shard_of
 from app.pipeline.runner import ShardRunner
@@ -128,7 +128,10 @@ class Pipeline:
             batcher.observer = self.observer
             batcher.start()
         if self.settings.sensor_idle_evict_s > 0:
-            self._sweeper = asyncio.create_task(self._sweep(), name="sensor-sweeper")
+            self._sweeper = asyncio.create_task(
+                sweep_idle(self.settings.sensor_idle_evict_s, self.evict_idle),
+                name="sensor-sweeper",
+            )
         self.started = True
 
     async def stop(self) -> None:
@@ -184,18 +187,6 @@ class Pipeline:
                 log.error("shard %d: saving the models failed: %r", runner.shard, count)
         saved = sum(c for c in counts if isinstance(c, int))
         log.info("saved %d models to %s", saved, self.settings.model_dir)
-
-    async def _sweep(self) -> None:
-        """Evict sensors idle for ``sensor_idle_evict_s``, every quarter of that (at most a
-        minute apart)."""
-        idle_s = self.settings.sensor_idle_evict_s
-        period = min(60.0, max(0.05, idle_s / 4))
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.evict_idle(time.time() - idle_s)
-            except Exception:
-                log.exception("evicting idle sensors failed; trying again later")
 
     async def evict_idle(self, horizon: float) -> int:
         """Forget the sensors without a reading since ``horizon`` (epoch seconds): here, in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 from app.backends.redis import RedisBackend, RedisUnavailable
 from app.config import Settings
 from app.pipeline.batcher import BatchObserver
-from app.pipeline.ingest import Overloaded, SensorRegistry
+from app.pipeline.ingest import Overloaded, SensorRegistry, sweep_idle
 from app.pipeline.routing import shard_of
 from app.schemas import Reading, TooLarge
 
@@ -35,13 +36,30 @@ class RemoteIngest:
         """Sensors this replica admitted readings of: it bounds them alone (each replica
         and the workers keep their own state)."""
         self.workers_live = 0
+        self._sweeper: asyncio.Task[None] | None = None
         """Workers heartbeating within the lease at the last :meth:`checks`."""
 
     async def start(self) -> None:
+        if self.settings.sensor_idle_evict_s > 0:
+            self._sweeper = asyncio.create_task(
+                sweep_idle(self.settings.sensor_idle_evict_s, self.evict_idle),
+                name="sensor-sweeper",
+            )
         self.started = True
 
     async def stop(self) -> None:
         self.open = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def evict_idle(self, horizon: float) -> int:
+        """Forget the sensors without a reading here since ``horizon`` (epoch seconds): in
+        the registry and the hub (``on_evict``). The workers evict their models on their own
+        clock (see ``app/worker.py``)."""
+        gone = self.registry.idle(horizon)
+        if gone and self.on_evict is not None:
+            self.on_evict(gone)
+        return len(gone)
 
     async def offer(self, readings: list[Reading]) -> tuple[int, int]:
         """Append a request's readings to Redis, whole or not at all.

@@ -387,12 +387,16 @@ def export_states(partition: int = 0, partitions: int = 1) -> bytes:
     )
 
 
-def import_states(blob: bytes) -> int:
-    """Restore models exported by :func:`export_states`; returns how many."""
-    records: dict[str, dict[str, Any]] = pickle.loads(blob)
-    for sensor_id, record in records.items():
-        _restore(sensor_id, record)
-    return len(records)
+def import_states(*blobs: bytes) -> list[str]:
+    """Restore models exported by :func:`export_states` or :func:`evict_sensors`; returns
+    their sensor ids."""
+    restored: list[str] = []
+    for blob in blobs:
+        records: dict[str, dict[str, Any]] = pickle.loads(blob)
+        for sensor_id, record in records.items():
+            _restore(sensor_id, record)
+        restored.extend(records)
+    return restored
 
 
 def drop_partition(partition: int, partitions: int) -> int:
@@ -463,16 +467,21 @@ def _load_one(path: str, missing_ok: bool = False) -> SensorModel | None:
     return _models[record["sensor_id"]]
 
 
-def evict_sensors(sensor_ids: list[str]) -> int:
-    """Forget idle sensors' models, each saved to the model directory first when one is set
-    (so a returning sensor resumes from it); returns how many this process had."""
-    evicted = 0
+def evict_sensors(sensor_ids: list[str], export: bool = False) -> dict[str, bytes]:
+    """Forget idle sensors' models, each kept first so a returning sensor resumes from it:
+    with ``export``, returned as an :func:`import_states` blob of its own (the Redis worker
+    keeps it in Redis); otherwise saved to the model directory when one is set. Returns the
+    exported blobs by sensor id."""
+    exported: dict[str, bytes] = {}
     for sid in sensor_ids:
-        model = _models.pop(sid, None)
+        model = _models.get(sid)
         if model is None:
             continue
-        if _model_dir is not None:
+        if export:
+            record = {sid: _record(sid, model)}
+            exported[sid] = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        elif _model_dir is not None:
             _save_one(sid, model)
+        del _models[sid]
         _trackers.pop(sid, None)
-        evicted += 1
-    return evicted
+    return exported
