@@ -36,6 +36,7 @@ from app.schemas import (
     parse_ndjson,
     reading_schema,
 )
+from app.turns import turn
 
 Parser = Callable[..., list[Reading]]
 
@@ -45,6 +46,9 @@ _schema = reading_schema()
 
 JSON_TYPES = {b"application/json"}
 NDJSON_TYPES = {b"application/x-ndjson", b"application/ndjson", b"application/jsonl"}
+
+HEAVY_BODY_BYTES = 16_384
+"""A body this large (about 200 readings) is parsed under a turn (:mod:`app.turns`)."""
 
 
 class Answer(NamedTuple):
@@ -266,7 +270,11 @@ async def _admit(
             metrics.count_refusal("overloaded")
             return _error(503, "the pipeline is full; retry later", {"Retry-After": "1"})
     try:
-        readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
+        if len(body) < HEAVY_BODY_BYTES:
+            readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
+        else:
+            async with turn():
+                readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
         if not readings:
             metrics.count_refusal("invalid")
             return Answer(422, b'{"detail":"the request holds no readings","errors":[]}', (_JSON,))

@@ -19,6 +19,7 @@ from app.pipeline.ingest import ShardQueue
 from app.pipeline.publish import Publisher
 from app.pipeline.runner import Done, ShardRunner
 from app.schemas import Reading
+from app.turns import turn
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class Batcher:
                 if queue.waiting < self.max_size and self.window_s > 0 and not self._closing:
                     await asyncio.sleep(self.window_s)
             while len(pending) < self.in_flight and queue.waiting:
-                readings = queue.take(self.max_size)
-                pending.append((readings, self.runner.submit(readings)))
+                async with turn():  # encoding a batch of thousands takes a millisecond or two
+                    readings = queue.take(self.max_size)
+                    pending.append((readings, self.runner.submit(readings)))
             head = pending[0][1]
             if len(pending) < self.in_flight and not queue.waiting:
                 # Wake for the head's outcome or for new readings, whichever comes first.
