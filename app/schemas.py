@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, NamedTuple
 
@@ -100,6 +101,8 @@ class InvalidItems(Exception):
 
 
 _single = msgspec.json.Decoder(ReadingIn | list[ReadingIn])
+PARSE_STEP = 256
+"""Readings checked in one step of :func:`json_steps`."""
 _ndjson_line = msgspec.json.Decoder(ReadingIn)
 
 
@@ -268,32 +271,50 @@ def parse_json(
         TooLarge: more than ``max_items`` readings.
         InvalidItems: some readings are invalid; every one is listed.
     """
+    steps = json_steps(body, max_items=max_items, limits=limits, now=now)
+    return [reading for step in steps for reading in step]
+
+
+def json_steps(
+    body: bytes,
+    *,
+    max_items: int,
+    limits: Limits = CONTRACT_LIMITS,
+    now: float | None = None,
+    step: int = PARSE_STEP,
+) -> Iterator[list[Reading]]:
+    """:func:`parse_json` in steps of ``step`` readings, so a caller can let other work run
+    between them; the exceptions are those of :func:`parse_json`, :class:`InvalidItems` only
+    after every item was checked (no step is yielded once an item failed)."""
     now = time.time() if now is None else now
     try:
         decoded = _single.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         # msgspec raises UnicodeDecodeError for invalid UTF-8 in an object key.
         decoded = None
-    if decoded is not None:
-        items = decoded if isinstance(decoded, list) else [decoded]
-        if len(items) > max_items:
-            raise TooLarge(f"{len(items)} readings in one request; the limit is {max_items}")
+    if decoded is None:
+        raw = _loads_lenient(body)
+        raw_items = raw if isinstance(raw, list) else [raw]
+        if len(raw_items) > max_items:
+            raise TooLarge(f"{len(raw_items)} readings in one request; the limit is {max_items}")
+        yield _slow_path(raw_items, now, limits)
+        return
+    items = decoded if isinstance(decoded, list) else [decoded]
+    if len(items) > max_items:
+        raise TooLarge(f"{len(items)} readings in one request; the limit is {max_items}")
+    errors: list[ItemError] = []
+    for start in range(0, len(items), step):
         readings: list[Reading] = []
-        errors: list[ItemError] = []
-        for index, item in enumerate(items):
-            result = _normalise(index, item, now, limits)
+        for index in range(start, min(start + step, len(items))):
+            result = _normalise(index, items[index], now, limits)
             if isinstance(result, ItemError):
                 errors.append(result)
             else:
                 readings.append(result)
-        if errors:
-            raise InvalidItems(errors)
-        return readings
-    raw = _loads_lenient(body)
-    raw_items = raw if isinstance(raw, list) else [raw]
-    if len(raw_items) > max_items:
-        raise TooLarge(f"{len(raw_items)} readings in one request; the limit is {max_items}")
-    return _slow_path(raw_items, now, limits)
+        if not errors:
+            yield readings
+    if errors:
+        raise InvalidItems(errors)
 
 
 def parse_ndjson(
@@ -321,6 +342,11 @@ def parse_ndjson(
             continue
         raw_items.append(_loads_lenient(line, f"line {number}", line=True))
     return _slow_path(raw_items, now, limits)
+
+
+def ndjson_steps(body: bytes, **options: Any) -> Iterator[list[Reading]]:
+    """:func:`parse_ndjson` as one step, the counterpart of :func:`json_steps`."""
+    yield parse_ndjson(body, **options)
 
 
 def _checked(index: int, item: ReadingIn, now: float, limits: Limits) -> Reading:

@@ -39,6 +39,7 @@ from app.schemas import (
     Limits,
     Reading,
     TooLarge,
+    json_steps,
     parse_json,
     parse_ndjson,
 )
@@ -204,6 +205,29 @@ def test_parsers_raise_only_their_own_errors(parse: Callable[..., list[Reading]]
             assert str(exc) and "Traceback" not in str(exc)
         else:
             check_parsed(parsed, limits)
+
+    check()
+
+
+def test_json_steps_give_what_parse_json_gives() -> None:
+    """Parsed in steps of 2 readings, any body gives the same readings, or the same error
+    with every bad item listed, as in one go (the service parses large bodies in steps)."""
+
+    def outcome(parse: Callable[[], list[Reading]]) -> object:
+        try:
+            return [(r.sensor_id, r.id, r.ts, r.channels, r.values) for r in parse()]
+        except InvalidItems as exc:
+            return [(e.index, e.field, e.reason) for e in exc.errors]
+        except (BodyError, TooLarge) as exc:
+            return str(exc)
+
+    @settings(FAST, max_examples=400)
+    @given(request=bodies())
+    def check(request: tuple[bytes, str]) -> None:
+        body, now = request[0], 1_700_000_000.0
+        whole = outcome(lambda: parse_json(body, max_items=8, now=now))
+        steps = json_steps(body, max_items=8, now=now, step=2)
+        assert outcome(lambda: [r for step in steps for r in step]) == whole
 
     check()
 

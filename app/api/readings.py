@@ -8,7 +8,7 @@ its declared size costs no body read, and one refused for overload costs no pars
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
 
 from fastapi import APIRouter, Request
@@ -32,13 +32,14 @@ from app.schemas import (
     Limits,
     Reading,
     TooLarge,
-    parse_json,
-    parse_ndjson,
+    json_steps,
+    ndjson_steps,
     reading_schema,
 )
 from app.turns import turn
 
-Parser = Callable[..., list[Reading]]
+Parser = Callable[..., Iterator[list[Reading]]]
+"""A body's readings in steps (:func:`~app.schemas.json_steps`)."""
 
 router = APIRouter(tags=["readings"])
 
@@ -48,7 +49,8 @@ JSON_TYPES = {b"application/json"}
 NDJSON_TYPES = {b"application/x-ndjson", b"application/ndjson", b"application/jsonl"}
 
 HEAVY_BODY_BYTES = 16_384
-"""A body this large (about 200 readings) is parsed under a turn (:mod:`app.turns`)."""
+"""A body this large (about 200 readings) is parsed in steps, each under a turn
+(:mod:`app.turns`)."""
 
 
 class Answer(NamedTuple):
@@ -115,9 +117,9 @@ async def ingest(
     media_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
     parse: Parser
     if media_type in JSON_TYPES:
-        parse = parse_json
+        parse = json_steps
     elif media_type in NDJSON_TYPES:
-        parse = parse_ndjson
+        parse = ndjson_steps
     else:
         shown = media_type[:100].decode("latin-1") or "none"
         metrics.count_refusal("unsupported_media_type")
@@ -270,11 +272,17 @@ async def _admit(
             metrics.count_refusal("overloaded")
             return _error(503, "the pipeline is full; retry later", {"Retry-After": "1"})
     try:
+        steps = parse(body, max_items=settings.max_readings_per_request, limits=limits)
         if len(body) < HEAVY_BODY_BYTES:
-            readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
+            readings = [reading for step in steps for reading in step]
         else:
-            async with turn():
-                readings = parse(body, max_items=settings.max_readings_per_request, limits=limits)
+            readings = []
+            while True:
+                async with turn():
+                    step = next(steps, None)
+                if step is None:
+                    break
+                readings += step
         if not readings:
             metrics.count_refusal("invalid")
             return Answer(422, b'{"detail":"the request holds no readings","errors":[]}', (_JSON,))

@@ -25,7 +25,7 @@ from typing import Any
 from app.backends.base import Backend
 from app.config import SlowClientPolicy
 from app.pipeline.alarm_book import AlarmBook
-from app.pipeline.wire import CHANNEL, Message, decode_batch
+from app.pipeline.wire import CHANNEL, Message, decode_batch, frames, unpack_batch
 from app.turns import turn
 
 log = logging.getLogger(__name__)
@@ -379,17 +379,17 @@ class PredictionHub:
             self._listening.set()
             async for first, payload in payloads:
                 try:
-                    async with turn():
-                        messages = decode_batch(first, payload, self.epoch)
+                    bodies = unpack_batch(payload)
                 except Exception:
                     log.exception("dropping a malformed message batch")
                     continue
-                # A batch of thousands is dispatched in slices, each under a turn, so no
-                # single step holds the loop for long. A subscriber that registers between
-                # two slices gets the first in its replay and the rest live.
-                for start in range(0, len(messages), DISPATCH_SLICE):
+                # A batch of thousands is numbered and dispatched in slices, each under a
+                # turn, so no single step holds the loop for long. A subscriber that registers
+                # between two slices gets the first in its replay and the rest live.
+                for start in range(0, len(bodies), DISPATCH_SLICE):
                     async with turn():
-                        self.dispatch(messages[start : start + DISPATCH_SLICE])
+                        chunk = bodies[start : start + DISPATCH_SLICE]
+                        self.dispatch(frames(first + start, chunk, self.epoch))
 
     async def _reap(self) -> None:
         # A peer that takes no bytes at all cannot be reached by a close frame either;

@@ -238,10 +238,18 @@ def decode_batch(first_seq: int, payload: bytes, epoch: str) -> list[Message]:
         >>> decode_batch(7, payload, "e1")[0].frame
         '{"type":"prediction","seq":7,"epoch":"e1","sensor_id":"a"}'
     """
+    return frames(first_seq, unpack_batch(payload), epoch)
+
+
+def unpack_batch(payload: bytes) -> list[Body]:
+    """A published batch's bodies, to number in slices with :func:`frames`."""
+    return _unpack_bodies.decode(payload)
+
+
+def frames(first_seq: int, bodies: list[Body], epoch: str) -> list[Message]:
+    """Number ``bodies`` from ``first_seq`` and make their frames."""
     head = '{"type":"%s","seq":%d,"epoch":"' + epoch + '",'
     return [
         Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
-        for seq, (kind, sensor_id, is_anomaly, body) in enumerate(
-            _unpack_bodies.decode(payload), first_seq
-        )
+        for seq, (kind, sensor_id, is_anomaly, body) in enumerate(bodies, first_seq)
     ]
