@@ -112,8 +112,10 @@ class Settings(BaseSettings):
     """Bound on a Redis call: past it, POST answers 503 and /readyz says not ready."""
 
     # Pipeline
-    queue_max_readings: int = Field(100_000, ge=1)
-    """Readings accepted but not yet predicted, per shard; beyond it POST answers 503."""
+    queue_max_readings: int = Field(25_000, ge=1)
+    """Readings accepted but not yet predicted, per shard; beyond it POST answers 503. At the
+    model stage's pace (5-10k readings/s per shard here) that is 2.5-5 s of waiting at most:
+    a larger queue only makes predictions later and the service larger."""
     batch_max_size: int = Field(2_000, ge=1)
     batch_window_ms: float = Field(2.0, ge=0)
     """How long the batcher waits for more readings before sending a partial batch."""
@@ -179,6 +181,9 @@ class Settings(BaseSettings):
 
     # Subscriptions
     history_max_frames: int = Field(100_000, ge=0)
+    history_max_bytes: int = Field(32 * 2**20, ge=0)
+    """Size of the frames kept for resumes (their JSON text), besides their count: frames of
+    many-channel sensors with explanations are larger, and memory must stay bounded."""
     history_max_age_s: float = Field(3600.0, ge=0)
     subscriber_queue_frames: int = Field(10_000, ge=1)
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest

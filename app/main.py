@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub = PredictionHub(
                 backend,
                 history_max_frames=settings.history_max_frames,
+                history_max_bytes=settings.history_max_bytes,
                 history_max_age_s=settings.history_max_age_s,
                 subscriber_queue_frames=settings.subscriber_queue_frames,
                 policy=settings.slow_client_policy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from app.backends.memory import MemoryBackend
 from app.config import SlowClientPolicy
@@ -102,3 +103,33 @@ async def test_filters_are_applied_once_per_distinct_filter() -> None:
         await asyncio.sleep(0)
     assert all([m.seq for m in s.take()] == list(range(1, 31, 3)) for s in subs)
     assert [m.seq for m in anomalies.take()] == [10, 20, 30]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(st.lists(st.integers(1, 40), max_size=700), max_size=12),
+    max_frames=st.integers(0, 1500),
+    max_bytes=st.none() | st.integers(0, 20_000),
+)
+def test_history_keeps_the_newest_messages_within_count_and_size(
+    batches: list[list[int]], max_frames: int, max_bytes: int | None
+) -> None:
+    """Whatever the batches, the history keeps exactly the longest run of newest messages
+    within both bounds (through compactions of its lists)."""
+    history = History(max_frames=max_frames, max_age_s=3600, max_bytes=max_bytes)
+    sent: list[Message] = []
+    for lengths in batches:
+        batch = [
+            Message(len(sent) + i + 1, "prediction", "s", False, "x" * n)
+            for i, n in enumerate(lengths)
+        ]
+        sent += batch
+        history.extend(batch, now=0.0)
+        kept, size = 0, 0
+        for message in reversed(sent):
+            size += len(message.frame)
+            if kept == max_frames or (max_bytes is not None and size > max_bytes):
+                break
+            kept += 1
+        assert [m.seq for m in history.after(0)] == [m.seq for m in sent[len(sent) - kept :]]
+        assert len(history) == kept

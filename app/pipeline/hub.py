@@ -16,10 +16,11 @@ import json
 import logging
 import re
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from app.backends.base import Backend
@@ -92,10 +93,12 @@ class SensorFilter:
 
 
 class History:
-    """Recent messages in ``seq`` order, bounded by count and by age.
+    """Recent messages in ``seq`` order, bounded by count, by the size of their frames and
+    by age.
 
     Parallel lists with a moving head rather than a deque, so that :meth:`after` finds a
-    resume point by bisection; the dead prefix is compacted once it outweighs the rest.
+    resume point by bisection, and so does the size bound (on running totals of the frames'
+    lengths); the dead prefix is compacted once it is a quarter of the lists.
 
     Examples:
         >>> from app.pipeline.wire import Message
@@ -103,14 +106,23 @@ class History:
         >>> h.extend([Message(s, "prediction", "a", False, str(s)) for s in range(1, 6)], now=0)
         >>> h.oldest_seq, [m.seq for m in h.after(3)], len(h)
         (3, [4, 5], 3)
+        >>> h = History(max_frames=10, max_age_s=60, max_bytes=5)
+        >>> h.extend([Message(s, "prediction", "a", False, "ab") for s in range(1, 6)], now=0)
+        >>> [m.seq for m in h.after(0)]
+        [4, 5]
     """
 
-    def __init__(self, max_frames: int, max_age_s: float) -> None:
+    def __init__(self, max_frames: int, max_age_s: float, max_bytes: int | None = None) -> None:
         self.max_frames = max_frames
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self._seqs: list[int] = []
         self._messages: list[Message] = []
         self._times: list[float] = []
+        self._ends: list[int] = []
+        """Running total of the frames' lengths, up to and including each message."""
+        self._base = 0
+        """The running total before the first message kept in the lists."""
         self._head = 0
 
     def __len__(self) -> int:
@@ -124,17 +136,31 @@ class History:
         self._seqs.extend([m.seq for m in messages])
         self._messages.extend(messages)
         self._times.extend([now] * len(messages))
+        ends = self._ends
+        ends.extend(accumulate([len(m.frame) for m in messages], initial=self._before(len(ends))))
+        del ends[-len(messages) - 1]  # accumulate's initial value
         self.trim(now)
+
+    def _before(self, index: int) -> int:
+        """The running total of the frames before ``index``."""
+        return self._ends[index - 1] if index else self._base
 
     def trim(self, now: float) -> None:
         head = max(self._head, len(self._seqs) - self.max_frames)
+        ends = self._ends
+        if self.max_bytes is not None and ends:
+            floor = ends[-1] - self.max_bytes
+            if floor > self._before(head):
+                # Keep the messages after the first whose running total reaches the floor.
+                head = bisect_left(ends, floor, lo=head) + 1
         horizon = now - self.max_age_s
         times = self._times
         if head < len(times) and times[head] < horizon:
             head = bisect_right(times, horizon, lo=head)
         self._head = head
-        if head > 1024 and head * 2 > len(self._seqs):
-            del self._seqs[:head], self._messages[:head], self._times[:head]
+        if head > 1024 and head * 4 > len(self._seqs):
+            self._base = ends[head - 1]
+            del self._seqs[:head], self._messages[:head], self._times[:head], ends[:head]
             self._head = 0
 
     def after(self, seq: int) -> list[Message]:
@@ -281,6 +307,7 @@ class PredictionHub:
     Args:
         backend: Where messages come from (``subscribe(CHANNEL)``) and the epoch is read.
         history_max_frames: Messages kept for resumes.
+        history_max_bytes: Size of their frames kept for resumes.
         history_max_age_s: How long a message is kept for resumes.
         subscriber_queue_frames: Each subscriber's queue bound.
         policy: What happens to a subscriber whose queue is full.
@@ -293,12 +320,13 @@ class PredictionHub:
         *,
         history_max_frames: int,
         history_max_age_s: float,
+        history_max_bytes: int | None = None,
         subscriber_queue_frames: int,
         policy: SlowClientPolicy,
         stall_timeout_s: float = 60.0,
     ) -> None:
         self.backend = backend
-        self.history = History(history_max_frames, history_max_age_s)
+        self.history = History(history_max_frames, history_max_age_s, history_max_bytes)
         self.subscriber_queue_frames = subscriber_queue_frames
         self.policy = policy
         self.stall_timeout_s = stall_timeout_s
