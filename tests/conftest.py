@@ -262,6 +262,20 @@ async def post(client: httpx.AsyncClient, readings: Any, **kwargs: Any) -> httpx
     return await client.post("/v1/readings", json=readings, **kwargs)
 
 
+async def post_accepted(
+    client: httpx.AsyncClient, readings: Any, timeout_s: float = 60.0
+) -> httpx.Response:
+    """POST readings as a gateway does: on 503 wait the ``Retry-After`` it names and send the
+    same body again, until it is accepted (202) or ``timeout_s`` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = await post(client, readings)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            assert r.status_code == 202, r.text
+            return r
+        await asyncio.sleep(float(r.headers["retry-after"]))
+
+
 async def receive_json(ws: ClientConnection, timeout_s: float = 10.0) -> dict[str, Any]:
     raw = await asyncio.wait_for(ws.recv(), timeout_s)
     message: dict[str, Any] = json.loads(raw)

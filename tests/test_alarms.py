@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 
 from app.simulate import SensorSim
-from tests.conftest import Server, collect, connect, receive_json
+from tests.conftest import Server, collect, connect, post_accepted, receive_json
 
 START, END, TOTAL = 600, 800, 900
 """A 1 Hz sensor whose three channels shift together from reading START to END."""
@@ -27,8 +27,7 @@ def fault_series(sensor_id: str) -> list[dict[str, Any]]:
 
 async def post_all(client: httpx.AsyncClient, items: list[dict[str, Any]]) -> None:
     for i in range(0, len(items), 500):
-        r = await client.post("/v1/readings", json=items[i : i + 500])
-        assert r.status_code == 202, r.text
+        await post_accepted(client, items[i : i + 500])
 
 
 async def alarms_until(ws: Any, state: str) -> list[dict[str, Any]]:
