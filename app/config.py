@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     """How long a dead worker's partitions wait before another worker takes them over."""
     redis_timeout_s: float = Field(2.0, gt=0)
     """Bound on a Redis call: past it, POST answers 503 and /readyz says not ready."""
+    redis_min_replicas: int = Field(0, ge=0, le=16)
+    """Replicas that must hold a request's readings before it is answered 202 (``WAIT``);
+    a worker's published predictions wait for them too. 0: the primary alone."""
+    redis_replica_timeout_ms: int = Field(500, ge=1, le=60_000)
+    """How long a write waits for ``redis_min_replicas`` replicas; past it, POST answers 503
+    with Retry-After (the readings may be retried: their ids make the retry safe)."""
 
     # Pipeline
     queue_max_readings: int = Field(25_000, ge=1)
@@ -263,9 +269,11 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, value: str) -> str:
-        from app.backends import topology_of
+        from app.backends import load, topology_of
 
-        topology_of(value)
+        topology = topology_of(value)
+        if value.startswith("redis+sentinel://"):
+            load("app.backends.redis:sentinel_address", topology.extra)(value)
         return value
 
     def model_options(self) -> ModelOptions:

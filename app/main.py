@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backend = backend_from_url(
                 settings.backend,
                 timeout_s=settings.redis_timeout_s,
+                min_replicas=settings.redis_min_replicas,
+                replica_timeout_ms=settings.redis_replica_timeout_ms,
                 max_pending_messages=settings.publish_max_pending_messages,
             )
             await backend.connect()

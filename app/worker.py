@@ -474,7 +474,12 @@ async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
 
 async def run_worker(settings: Settings) -> int:
     """Run the worker role until SIGTERM/SIGINT; hand partitions over, then return 0."""
-    backend = RedisBackend(settings.backend, timeout_s=settings.redis_timeout_s)
+    backend = RedisBackend(
+        settings.backend,
+        timeout_s=settings.redis_timeout_s,
+        min_replicas=settings.redis_min_replicas,
+        replica_timeout_ms=settings.redis_replica_timeout_ms,
+    )
     await backend.connect()
     worker = Worker(settings, backend)
     metrics = Metrics()

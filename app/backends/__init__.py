@@ -1,7 +1,8 @@
 """Topologies chosen by the backend URL's scheme, in one table.
 
 ``memory://`` (the default) is the embedded topology: in-process channels, and the model
-stage runs in this process's pool. ``redis://host:port/db`` (or ``rediss://``) scales out:
+stage runs in this process's pool. ``redis://host:port/db`` (or ``rediss://``, or
+``redis+sentinel://host:26379,host2:26379/service/db`` behind Sentinels) scales out:
 readings go to Redis streams and ``sensorcast worker`` processes run the model stage. Each
 implementation is imported only when its scheme is asked for, so ``redis`` stays an optional
 dependency (the way uvicorn maps a protocol name to ``"module:Class"``).
@@ -30,6 +31,9 @@ TOPOLOGIES: dict[str, Topology] = {
         "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
     ),
     "rediss": Topology(
+        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
+    ),
+    "redis+sentinel": Topology(
         "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
     ),
 }
@@ -73,8 +77,9 @@ def load(path: str, extra: str | None = None) -> Any:
 def backend_from_url(url: str | Backend, **options: Any) -> Backend:
     """Make the backend a URL names; a ready backend object is returned as it is.
 
-    ``options`` are passed to the backend's constructor: ``timeout_s`` (Redis) and
-    ``max_pending_messages`` (memory) where the backend takes them.
+    ``options`` are passed to the backend's constructor: ``timeout_s``, ``min_replicas`` and
+    ``replica_timeout_ms`` (Redis) and ``max_pending_messages`` (memory) where the backend
+    takes them.
 
     Raises:
         ValueError: the scheme is unknown or not available in this build.

@@ -35,7 +35,11 @@ class Backend(Protocol):
         ...
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[Numbered]]:
-        """Receive every payload published on ``channel`` from now on, in order."""
+        """Receive every payload published on ``channel`` from now on, in order.
+
+        An item ``(0, b"EPOCH FROM_SEQ")`` (no payload is numbered 0) says that the numbering
+        changed to ``EPOCH`` (a Redis replica was promoted, or Redis lost its data) and that
+        the payloads that follow are numbered from ``FROM_SEQ`` in it."""
         ...
 
     async def recent(self, channel: str, max_messages: int) -> list[Numbered]:

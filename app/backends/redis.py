@@ -10,14 +10,25 @@ Keys, all under a prefix (``sensorcast:`` by default):
 - ``dedup:{sensor}|{id}``: remembered for ``dedup_window_s``.
 - ``predictions``: a capped stream of published batches, each with ``s`` (its first seq),
   ``n`` (its message count) and ``b`` (the bodies). Every API replica reads it.
-- ``seq``, ``epoch``: the numbering. ``epoch`` is created once; a Redis that lost its data
-  makes a new one.
+- ``seq``, ``epoch``: the numbering. ``epoch`` is bound to the primary's replication id
+  (``INFO replication`` ``master_replid``): a Redis that lost its data, restarted, or a replica
+  promoted by Sentinel makes a new one, since the numbering may have lost its tail there.
+- ``writes``: bumped after each admission so that ``WAIT`` covers every earlier write, the
+  first attempt of a retried request included.
 - ``lease:{p}``, ``workers``, ``ckpt:{p}``, ``models:{p}``: which worker owns which
   partition, who is alive, each partition's model checkpoint, and the models of its sensors
   evicted as idle (see ``app/worker.py``).
 
 Every write that must be whole is a Lua script, so it is atomic: a request is admitted whole or
 not at all, and a batch's predictions are numbered, appended and acknowledged together.
+
+URLs: ``redis://host:port/db`` (``rediss://`` with TLS), or
+``redis+sentinel://host1:26379,host2:26379/service/db``: the Sentinels are asked for the
+primary of ``service``; a failover is followed without a restart (calls during it fail, the
+API answers 503 with ``Retry-After`` and the workers retry with backoff). With
+``min_replicas`` above 0 each admission and each publish-and-acknowledge is followed by
+``WAIT min_replicas replica_timeout_ms`` on the same connection: a request is answered 202 only
+once that many replicas hold it.
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from app.backends.base import Numbered
@@ -141,14 +154,71 @@ def entry_readings(fields: dict[bytes, bytes]) -> list[Reading]:
     return [r for r, flag in zip(readings, mask, strict=True) if flag == keep]
 
 
+# The epoch stays while the primary's replication id is its suffix; otherwise a new one.
+# KEYS: epoch; ARGV: suffix (``.`` and the replication id's first 12 digits), fresh prefix.
+_EPOCH = """
+local e = redis.call('GET', KEYS[1])
+if e and string.sub(e, -#ARGV[1]) == ARGV[1] then return e end
+e = ARGV[2] .. ARGV[1]
+redis.call('SET', KEYS[1], e)
+return e
+"""
+
+SENTINEL_PORT = 26379
+
+
+class SentinelAddress(NamedTuple):
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    password: str | None
+
+
+def sentinel_address(url: str) -> SentinelAddress:
+    """The parts of a ``redis+sentinel://[:PASSWORD@]HOST[:PORT],.../SERVICE[/DB]`` URL.
+
+    The password, if any, is the Redis servers' (the Sentinels are asked without one).
+
+    Raises:
+        ValueError: the URL names no Sentinel or no service.
+
+    Examples:
+        >>> sentinel_address("redis+sentinel://a:26380,b/mymaster/2")
+        SentinelAddress(sentinels=[('a', 26380), ('b', 26379)], service='mymaster', db=2, \
+password=None)
+    """
+    rest = url.partition("://")[2]
+    netloc, _, path = rest.partition("/")
+    password = None
+    if "@" in netloc:
+        auth, _, netloc = netloc.rpartition("@")
+        password = unquote(auth.partition(":")[2]) or None
+    sentinels = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = port, str(SENTINEL_PORT)
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r}: {item!r} is not HOST[:PORT]")
+        sentinels.append((host.strip("[]"), int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"{url!r}: expected .../SERVICE_NAME[/DB] after the Sentinels")
+    return SentinelAddress(sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password)
+
+
 class RedisUnavailable(Exception):
     """Redis did not answer in time."""
+
+
+class NotReplicated(RedisUnavailable):
+    """Fewer replicas than ``min_replicas`` acknowledged a write in time."""
 
 
 class RedisBackend:
     """The shared backend for API replicas and workers."""
 
-    OPTIONS = ("timeout_s",)
+    OPTIONS = ("timeout_s", "min_replicas", "replica_timeout_ms")
 
     def __init__(
         self,
@@ -157,21 +227,47 @@ class RedisBackend:
         prefix: str = "sensorcast:",
         timeout_s: float = 2.0,
         predictions_maxlen: int = PREDICTIONS_MAXLEN,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 500,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.predictions_maxlen = predictions_maxlen
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry_on_timeout=False,
-        )
-        # Blocking reads hold a connection for up to a second: give them their own.
-        self.reader: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s
-        )
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = replica_timeout_ms
+        # A call that waits for replicas may take that much longer.
+        self.call_timeout_s = timeout_s + (replica_timeout_ms / 1000 if min_replicas else 0)
+        self.sentinel: Sentinel | None = None
+        self.client: aioredis.Redis
+        self.reader: aioredis.Redis
+        if url.startswith("redis+sentinel://"):
+            address = sentinel_address(url)
+            self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                address.sentinels,
+                sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
+            )
+            self.client = self.sentinel.master_for(
+                address.service, db=address.db, password=address.password,
+                socket_timeout=self.call_timeout_s, socket_connect_timeout=timeout_s,
+                retry_on_timeout=False,
+            )  # fmt: skip
+            self.reader = self.sentinel.master_for(
+                address.service, db=address.db, password=address.password,
+                socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s,
+            )  # fmt: skip
+        else:
+            self.client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=self.call_timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry_on_timeout=False,
+            )
+            # Blocking reads hold a connection for up to a second: give them their own.
+            self.reader = aioredis.Redis.from_url(
+                url, socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s
+            )
+        self._epoch_script = self.client.register_script(_EPOCH)
         self._ingest = self.client.register_script(_INGEST)
         self._publish = self.client.register_script(_PUBLISH)
         self._publish_ack = self.client.register_script(_PUBLISH_ACK)
@@ -192,6 +288,9 @@ class RedisBackend:
     async def disconnect(self) -> None:
         await self.client.aclose()
         await self.reader.aclose()
+        if self.sentinel is not None:
+            for sentinel in self.sentinel.sentinels:
+                await sentinel.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -200,15 +299,29 @@ class RedisBackend:
             return False
 
     async def epoch(self) -> str:
+        """The numbering's identity, bound to the primary's replication id: a promoted replica,
+        a restarted or emptied Redis get a new one (their ``seq`` may have lost its tail)."""
+        info: Any = await self.client.info("replication")
+        suffix = "." + str(info.get("master_replid", ""))[:12]
         fresh = f"{int(time.time()):x}-{secrets.token_hex(4)}"
-        await self.client.set(self.key("epoch"), fresh, nx=True)
-        value = await self.client.get(self.key("epoch"))
+        value = await self._epoch_script(keys=[self.key("epoch")], args=[suffix, fresh])
         self._epoch = value.decode() if isinstance(value, bytes) else str(value)
         return self._epoch
 
     async def publish(self, channel: str, payload: bytes, count: int) -> int:
         first = await self._publish(args=[self.prefix, self.predictions_maxlen, count, payload])
         return int(first)
+
+    async def replicated(self) -> bool:
+        """True once ``min_replicas`` replicas hold every write made so far (a fresh write
+        and ``WAIT`` on one connection); always True without ``min_replicas``."""
+        if not self.min_replicas:
+            return True
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.incr(self.key("writes"))
+            pipe.wait(self.min_replicas, self.replica_timeout_ms)
+            _, acked = await pipe.execute()
+        return int(acked) >= self.min_replicas
 
     async def publish_and_ack(
         self,
@@ -221,14 +334,36 @@ class RedisBackend:
     ) -> int:
         """Publish a worker's batch and acknowledge its stream entries, atomically.
 
+        With ``min_replicas``, returns only once that many replicas hold the write: it waits
+        for them again and again (with backoff) while they lag, so that nothing built on this
+        batch (the next batches, a checkpoint) gets ahead of what a promoted replica would hold.
+
         Returns the first seq, 0 when the batch had no messages, or -1 when ``owner`` no
         longer holds the partition's lease (nothing was written).
+
+        Raises:
+            RedisError, OSError: Redis failed; the batch may or may not have been written.
         """
         args: list[Any] = [
             self.prefix, self.predictions_maxlen, count, payload, partition, owner, readings,
             *entry_ids,
         ]  # fmt: skip
-        return int(await self._publish_ack(args=args))
+        if not self.min_replicas:
+            return int(await self._publish_ack(args=args))
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self._publish_ack(args=args, client=pipe)
+            pipe.wait(self.min_replicas, self.replica_timeout_ms)
+            first, acked = await pipe.execute()
+        delay = 0.05
+        while int(first) >= 0 and int(acked) < self.min_replicas:
+            log.warning(
+                "partition %s: %d of %d replicas acknowledged a batch; waiting",
+                partition, int(acked), self.min_replicas,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            acked = self.min_replicas if await self.replicated() else 0
+        return int(first)
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[Numbered]]:
@@ -239,21 +374,44 @@ class RedisBackend:
         async def payloads() -> AsyncIterator[Numbered]:
             nonlocal last
             delay = 0.1
+            check = False
+            """Whether the epoch may have changed: after an error, and when idle."""
             while True:
                 try:
+                    if check:
+                        changed = await self._epoch_change(stream, last)
+                        check = False
+                        if changed is not None:
+                            yield changed
                     response: Any = await self.reader.xread({stream: last}, count=100, block=1000)
                     delay = 0.1
                 except (RedisError, OSError) as exc:
                     log.warning("reading %s: %s; retrying in %.1f s", stream, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                    check = True
                     continue
+                check = not response
                 for _stream, entries in response or ():
                     for entry_id, fields in entries:
                         last = entry_id
                         yield int(fields[b"s"]), fields[b"b"]
 
         yield payloads()
+
+    async def _epoch_change(self, stream: str, last: bytes | str) -> Numbered | None:
+        """``(0, b"EPOCH FROM_SEQ")`` when the epoch is no longer the one last seen, where
+        FROM_SEQ is the seq of the first message after ``last`` in the new numbering."""
+        before = self._epoch
+        epoch = await self.epoch()
+        if before is None or epoch == before:
+            return None
+        # The counter first, then the stream: a batch published in between is found there.
+        counter = int(await self.client.get(self.key("seq")) or 0)
+        after: Any = await self.client.xrange(stream, min=b"(" + _b(last), count=1)
+        first = int(after[0][1][b"s"]) if after else counter + 1
+        log.warning("epoch changed (%s -> %s): numbering continues at %d", before, epoch, first)
+        return 0, f"{epoch} {first}".encode()
 
     async def recent(self, channel: str, max_messages: int) -> list[Numbered]:
         stream = self.key(channel)
@@ -313,9 +471,33 @@ class RedisBackend:
             args += [p, encode_readings(chunk), len(chunk)]
             args += ["" if r.id is None else f"{r.sensor_id}|{r.id}" for r in chunk]
         try:
-            accepted, duplicates = await asyncio.wait_for(self._ingest(args=args), self.timeout_s)
+            accepted, duplicates = await asyncio.wait_for(self._admit(args), self.call_timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from None
         if accepted < 0:
             return None
         return int(accepted), int(duplicates)
+
+    async def _admit(self, args: list[Any]) -> tuple[int, int]:
+        """Run the admission script; with ``min_replicas``, then a write and ``WAIT`` on the
+        same connection (the write makes ``WAIT`` cover an earlier attempt of a retry whose
+        readings are all duplicates now).
+
+        Raises:
+            NotReplicated: fewer replicas acknowledged in time.
+        """
+        if not self.min_replicas:
+            accepted, duplicates = await self._ingest(args=args)
+            return int(accepted), int(duplicates)
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self._ingest(args=args, client=pipe)
+            pipe.incr(self.key("writes"))
+            pipe.wait(self.min_replicas, self.replica_timeout_ms)
+            (accepted, duplicates), _, acked = await pipe.execute()
+        if int(accepted) >= 0 and int(acked) < self.min_replicas:
+            raise NotReplicated(f"{int(acked)} of {self.min_replicas} replicas acknowledged")
+        return int(accepted), int(duplicates)
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

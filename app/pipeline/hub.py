@@ -163,6 +163,11 @@ class History:
             del self._seqs[:head], self._messages[:head], self._times[:head], ends[:head]
             self._head = 0
 
+    def clear(self) -> None:
+        """Forget every message."""
+        self._seqs, self._messages, self._times, self._ends = [], [], [], []
+        self._base = self._head = 0
+
     def after(self, seq: int) -> list[Message]:
         """The kept messages numbered above ``seq``, in order."""
         start = bisect_right(self._seqs, seq, lo=self._head)
@@ -228,6 +233,17 @@ class Subscriber:
         else:
             self.overflowed = True
             queue.clear()
+        self.wake.set()
+
+    def push_notice(self, message: Message) -> None:
+        """Queue a frame every subscriber must get, in order, whatever its filter and policy
+        (a ``gap`` frame)."""
+        if self.overflowed:
+            return
+        if self.latest is not None:
+            self.latest[(message.kind, message.sensor_id)] = message
+        else:
+            self.queue.append(message)
         self.wake.set()
 
     def _conflate(self, messages: list[Message]) -> None:
@@ -406,6 +422,10 @@ class PredictionHub:
                 self.dispatch(decode_batch(first, payload, self.epoch))
             self._listening.set()
             async for first, payload in payloads:
+                if first == 0:
+                    epoch, _, from_seq = payload.decode().partition(" ")
+                    self.renumber(epoch, int(from_seq))
+                    continue
                 try:
                     bodies = unpack_batch(payload)
                 except Exception:
@@ -443,6 +463,31 @@ class PredictionHub:
                 log.warning("dropped %d subscribers whose socket stalled", unlogged)
                 unlogged = 0
                 next_log = now + REAP_LOG_INTERVAL_S
+
+    def renumber(self, epoch: str, from_seq: int) -> None:
+        """The numbering changed under the hub (a Redis replica was promoted, or Redis lost
+        its data): every subscriber gets a ``gap`` frame with ``reason: "epoch_changed"``,
+        in order with its messages, then the messages of the new epoch from ``from_seq``.
+
+        What it received after the last message it had before the gap may be repeated or
+        missing in the new epoch, so the frame asks it to resynchronise. The history of the
+        old epoch is dropped: a resume in the new epoch must not be served the old one's
+        numbers.
+        """
+        if epoch == self.epoch:
+            return
+        gap = {
+            "type": "gap", "epoch": epoch, "previous_epoch": self.epoch,
+            "reason": "epoch_changed", "since": self.latest_seq, "from_seq": from_seq,
+        }  # fmt: skip
+        message = Message(from_seq - 1, "gap", "", False, json.dumps(gap, separators=(",", ":")))
+        self.epoch = epoch
+        self.latest_seq = from_seq - 1
+        self.history.clear()
+        for sub in self.subscribers:
+            sub.floor = 0
+            sub.push_notice(message)
+        self._changed.set()
 
     def dispatch(self, messages: list[Message]) -> None:
         """Record a batch and push it to every matching subscriber (never awaits)."""

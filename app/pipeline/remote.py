@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from app.backends.redis import RedisBackend, RedisUnavailable
+from app.backends.redis import NotReplicated, RedisBackend, RedisUnavailable
 from app.config import Settings
 from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import Overloaded, SensorRegistry, sweep_idle
@@ -89,6 +89,12 @@ class RemoteIngest:
                 capacity=self.settings.queue_max_readings,
                 dedup_ttl_s=self.settings.dedup_window_s,
             )
+        except NotReplicated:
+            # Written on the primary, maybe not kept by a failover: a retry is safe for
+            # readings with an id (acknowledged as duplicates once the first attempt holds).
+            raise Overloaded(
+                retry_after_s=1, reason="too few Redis replicas acknowledged the readings"
+            ) from None
         except RedisUnavailable:
             raise Overloaded(retry_after_s=2, reason="the backend is unavailable") from None
         if outcome is None:
