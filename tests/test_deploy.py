@@ -31,6 +31,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from app.backends.redis import sentinel_address
 from app.cli import build_parser
 from app.config import Settings
 from app.main import create_app
@@ -48,6 +49,7 @@ from tests.conftest import (
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HAPROXY_CFG = ROOT / "docker" / "haproxy.cfg"
+HA_ENV = ROOT / "docker" / "ha.env"
 IMAGE = "sensorcast:latest"
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -59,14 +61,25 @@ PENDING_METRICS: set[str] = set()
 """Metrics the rules and the dashboard may use before the service exports them (none now)."""
 
 
-def compose() -> dict[str, Any]:
-    """docker-compose.yml as Compose reads it (YAML anchors and merge keys resolved)."""
-    data: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+def env_file(path: Path) -> dict[str, str]:
+    """The variables of a Compose ``--env-file``."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def compose(variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.yml as Compose reads it (YAML anchors and merge keys resolved, and
+    ``${NAME:-default}`` interpolated from ``variables``, or the defaults)."""
+    given = variables or {}
+    text = re.sub(
+        r"\$\{(\w+):-([^}]*)\}", lambda m: given.get(m[1], m[2]), COMPOSE_FILE.read_text()
+    )
+    data: dict[str, Any] = yaml.safe_load(text)
     return data
 
 
-def services() -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = compose()["services"]
+def services(variables: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose(variables)["services"]
     return found
 
 
@@ -121,27 +134,19 @@ def http_paths() -> set[str]:
 
 
 def test_compose_file_is_valid_for_docker_compose() -> None:
-    """Compose v2 itself accepts docker-compose.yml, the standalone and monitoring profiles
-    included."""
-    result = subprocess.run(
-        [
-            compose_binary(),
-            "-f",
-            str(COMPOSE_FILE),
-            "--profile",
-            "standalone",
-            "--profile",
-            "monitoring",
-            "config",
-            "-q",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    """Compose v2 itself accepts docker-compose.yml, the standalone, monitoring and ha
+    profiles included, with and without docker/ha.env."""
+    profiles = ["--profile", "standalone", "--profile", "monitoring", "--profile", "ha"]
+    for extra in ([], ["--env-file", str(HA_ENV)]):
+        result = subprocess.run(
+            [compose_binary(), "-f", str(COMPOSE_FILE), *extra, *profiles, "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
 
 
 def test_compose_file_matches_the_compose_spec_schema() -> None:
@@ -244,12 +249,18 @@ def test_settings_in_compose_and_dockerfile_are_real() -> None:
     """Every SENSORCAST_* name set in docker-compose.yml or the Dockerfile is a setting, and
     each service's environment makes valid settings."""
     names = setting_names()
-    for name, svc in our_services().items():
-        env = svc.get("environment", {})
-        assert isinstance(env, dict), f"{name}: write environment as a mapping"
-        unknown = {key for key in env if key.startswith("SENSORCAST_")} - names
-        assert not unknown, f"{name}: not settings: {unknown}"
-        Settings(**{key.removeprefix("SENSORCAST_").lower(): value for key, value in env.items()})
+    assert set(env_file(HA_ENV)) <= names
+    for variables in ({}, env_file(HA_ENV)):
+        for name, svc in services(variables).items():
+            if svc.get("image") != IMAGE:
+                continue
+            env = svc.get("environment", {})
+            assert isinstance(env, dict), f"{name}: write environment as a mapping"
+            unknown = {key for key in env if key.startswith("SENSORCAST_")} - names
+            assert not unknown, f"{name}: not settings: {unknown}"
+            Settings(
+                **{key.removeprefix("SENSORCAST_").lower(): value for key, value in env.items()}
+            )
     image_env = [i["value"] for i in final_stage(dockerfile()) if i["instruction"] == "ENV"]
     used = set(re.findall(r"\b(SENSORCAST_[A-Z0-9_]+)=", " ".join(image_env)))
     assert used and used <= names, used - names
@@ -288,6 +299,33 @@ def test_compose_volumes_and_files_exist() -> None:
     assert any(v.endswith(f":{model_dir}") for v in standalone["volumes"])
     assert any(v.endswith(":/data") for v in data["services"]["redis"]["volumes"])
     assert "--appendonly" in data["services"]["redis"]["command"]
+
+
+def test_ha_profile_is_a_primary_two_replicas_and_three_sentinels() -> None:
+    """The ha profile: two replicas of redis, three Sentinels monitoring it with quorum 2, and
+    docker/ha.env sends the api and worker services to those Sentinels, with a replica's
+    acknowledgement before each 202."""
+    svcs = services(env_file(HA_ENV))
+    ha = {name for name, svc in svcs.items() if svc.get("profiles") == ["ha"]}
+    replicas = {"redis-replica-1", "redis-replica-2"}
+    sentinels = {"sentinel-1", "sentinel-2", "sentinel-3"}
+    assert ha == replicas | sentinels
+    for name in replicas:
+        command = svcs[name]["command"]
+        assert command[command.index("--replicaof") + 1 :][:2] == ["redis", "6379"], name
+        assert command[command.index("--replica-announce-ip") + 1] == name
+    for name in sentinels:
+        script = svcs[name]["command"][-1]
+        assert "'sentinel monitor sensorcast redis 6379 2'" in script, name
+        assert "resolve-hostnames yes" in script.split("monitor")[0], name
+    for role in ("api", "worker"):
+        env = svcs[role]["environment"]
+        assert str(env["SENSORCAST_REDIS_MIN_REPLICAS"]) == "1"
+        address = sentinel_address(env["SENSORCAST_BACKEND"])
+        assert {host for host, _ in address.sentinels} == sentinels
+        assert address.service == "sensorcast" and all(p == 26379 for _, p in address.sentinels)
+    # Without docker/ha.env, the same services use redis directly.
+    assert services()["api"]["environment"]["SENSORCAST_BACKEND"] == "redis://redis:6379/0"
 
 
 # -- the Dockerfile's rules -------------------------------------------------------------------
