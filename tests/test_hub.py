@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -133,3 +134,39 @@ def test_history_keeps_the_newest_messages_within_count_and_size(
             kept += 1
         assert [m.seq for m in history.after(0)] == [m.seq for m in sent[len(sent) - kept :]]
         assert len(history) == kept
+
+
+@pytest.mark.parametrize("policy", list(SlowClientPolicy))
+async def test_a_new_epoch_reaches_every_subscriber_as_a_gap_in_order(
+    policy: SlowClientPolicy,
+) -> None:
+    """renumber: each subscriber, whatever its filter and policy, gets the epoch_changed gap
+    after the old epoch's messages and before the new ones; the old history is dropped and a
+    resume in the new epoch is served from its numbers."""
+    hub = PredictionHub(
+        MemoryBackend(),
+        history_max_frames=100,
+        history_max_age_s=60,
+        subscriber_queue_frames=1000,
+        policy=policy,
+    )
+    async with hub:
+        old = hub.epoch
+        subs = [hub.subscribe(SensorFilter(f)).subscriber for f in ([], ["s1"], ["nothing"])]
+        hub.dispatch(messages(1, 30))
+        hub.renumber("new-epoch", 25)
+        hub.dispatch(messages(25, 5))
+        resumed = hub.subscribe(SensorFilter(), since=26, epoch="new-epoch")
+    assert hub.epoch == "new-epoch" and hub.latest_seq == 29
+    for sub in subs:
+        taken = sub.take()
+        kinds = [m.kind for m in taken]
+        assert kinds.count("gap") == 1
+        at = kinds.index("gap")
+        assert all(m.seq <= 30 for m in taken[:at]) and all(m.seq >= 25 for m in taken[at + 1 :])
+        gap = json.loads(taken[at].frame)
+        assert gap == {
+            "type": "gap", "epoch": "new-epoch", "previous_epoch": old,
+            "reason": "epoch_changed", "since": 30, "from_seq": 25,
+        }  # fmt: skip
+    assert resumed.gap is None and [m.seq for m in resumed.replay] == [27, 28, 29]
