@@ -46,7 +46,7 @@ SCRIPTS = (
     Script("model_quality", "model quality", 180, 60),
     Script("nab", "quality on real series (nab-dev), bulk and paced", 420, 60),
     Script("alarms", "alarm coverage on sustained faults", 240, 60),
-    Script("scaleout", "scale-out on Redis beside memory://", 240, 90),
+    Script("scaleout", "scale-out on Redis beside memory://, and min_replicas=1", 300, 120),
 )
 
 

@@ -5,7 +5,10 @@ subscriber (its own process, ``batch=true``) counts the predictions it receives 
 
 - ``memory://``: one ``sensorcast serve`` with 2 shard workers (the embedded default);
 - ``redis://`` with one ``sensorcast worker`` (2 shard workers);
-- ``redis://`` with two ``sensorcast worker`` replicas (1 shard worker each).
+- ``redis://`` with two ``sensorcast worker`` replicas (1 shard worker each);
+- ``redis://`` with one worker, a Redis replica and ``redis_min_replicas=1``: every POST and
+  every published batch waits for the replica's acknowledgement (``WAIT``); beside the same
+  topology without it, that is the price of "202 means replicated".
 
 On this 2-core machine everything shares the cores: the API, the workers, redis-server, wrk
 and the subscriber; the Redis path also moves every reading through Redis twice.
@@ -42,25 +45,33 @@ def _redis_binary() -> str:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; yields its URL."""
+def redis_server(replica_of: int | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (a replica of the one on port
+    ``replica_of``, if given); yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
+        extra = [] if replica_of is None else ["--replicaof", "127.0.0.1", str(replica_of)]
         proc = subprocess.Popen(
             [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", *extra],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                        if replica_of is None:
+                            break
+                        s.sendall(b"INFO replication\r\n")
+                        if b"master_link_status:up" in s.recv(4096):
+                            break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.05)
+                time.sleep(0.05)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server not ready")
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             proc.terminate()
@@ -68,9 +79,10 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def worker(url: str, shards: int) -> Iterator[subprocess.Popen[bytes]]:
+def worker(url: str, shards: int, min_replicas: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "SENSORCAST_BACKEND": url, "SENSORCAST_WORKERS": str(shards),
-           "SENSORCAST_LOG_LEVEL": "warning"}  # fmt: skip
+           "SENSORCAST_LOG_LEVEL": "warning",
+           "SENSORCAST_REDIS_MIN_REPLICAS": str(min_replicas)}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=env)
     try:
         yield proc
@@ -105,23 +117,34 @@ def main() -> None:
     figures["memory"] = r["delivered"]
     print(f"memory://, 2 shard workers: {r['delivered']:,.0f} readings/s delivered", flush=True)
 
-    for replicas, shards in ((1, 2), (2, 1)):
+    for replicas, shards, min_replicas in ((1, 2, 0), (2, 1, 0), (1, 2, 1)):
         with redis_server() as url, ExitStack() as stack:
+            if min_replicas:
+                primary = int(url.rsplit(":", 1)[1].split("/")[0])
+                stack.enter_context(redis_server(replica_of=primary))
             for _ in range(replicas):
-                stack.enter_context(worker(url, shards))
-            svc = stack.enter_context(service(backend=url))
+                stack.enter_context(worker(url, shards, min_replicas))
+            svc = stack.enter_context(service(backend=url, redis_min_replicas=min_replicas))
             r = saturate(svc.ws_url, svc.url, warmup_s, duration_s)
         name = f"redis, {replicas} worker{'s' if replicas > 1 else ''}"
+        if min_replicas:
+            name += f", min_replicas={min_replicas}"
         figures[name] = r["delivered"]
         print(
-            f"redis://, {replicas} worker replica(s) x {shards} shard(s): "
-            f"{r['delivered']:,.0f} readings/s delivered ({r['accepted']:,.0f}/s accepted)",
+            f"redis://, {replicas} worker replica(s) x {shards} shard(s), "
+            f"min_replicas={min_replicas}: {r['delivered']:,.0f} readings/s delivered "
+            f"({r['accepted']:,.0f}/s accepted)",
             flush=True,
         )
 
     for name, value in figures.items():
         if name == "memory":
             results.row("scaleout", "end to end, memory://", value, "readings/s")
+        elif "min_replicas" in name:
+            results.row(
+                "scaleout", f"end to end, {name}", value, "readings/s",
+                baseline="redis, 1 worker", baseline_value=figures["redis, 1 worker"],
+            )  # fmt: skip
         else:
             results.row(
                 "scaleout", f"end to end, {name}", value, "readings/s",
