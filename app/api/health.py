@@ -18,7 +18,8 @@ async def healthz() -> dict[str, str]:
 
 async def readiness(pipeline: Ingest, hub: PredictionHub) -> dict[str, bool]:
     """The checks behind ``/readyz`` (and the ``sensorcast_ready`` gauge): ready when all hold."""
-    backend = await hub.backend.ping()
+    # Listening: the hub receives predictions (it keeps trying while Redis is not up yet).
+    backend = hub.listening and await hub.backend.ping()
     return {**(await pipeline.checks() if backend else {}), "backend": backend}
 
 

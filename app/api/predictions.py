@@ -147,6 +147,11 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
     if hub.closing:
         await _deny(websocket, 503, "server shutting down")
         return
+    if not hub.listening:
+        await _deny(
+            websocket, 503, "not ready: the backend does not answer yet", {"Retry-After": "2"}
+        )
+        return
     edge: Edge = websocket.app.state.edge
     owner = None if guard_of(websocket.app).open else key_id(websocket_key(websocket))
     refusal = edge.slots.acquire(owner)

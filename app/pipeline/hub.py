@@ -18,12 +18,12 @@ import re
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from app.backends.base import Backend
+from app.backends.base import Backend, Numbered
 from app.config import SlowClientPolicy
 from app.pipeline.alarm_book import AlarmBook
 from app.pipeline.wire import CHANNEL, Message, decode_batch, frames, unpack_batch
@@ -369,16 +369,24 @@ class PredictionHub:
         self._dropped_gone = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self._tried = asyncio.Event()
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
+        """Start listening; returns once the kept history is loaded, or once the backend
+        failed to answer a first time (Redis starting beside this process): the hub then
+        keeps trying, and :attr:`listening` stays False until it succeeds."""
         if not self._tasks:
-            self.epoch = await self.backend.epoch()
             self._tasks = [
                 asyncio.create_task(self._listen(), name="hub-listen"),
                 asyncio.create_task(self._reap(), name="hub-reap"),
             ]
-            await self._listening.wait()
+            await self._tried.wait()
+
+    @property
+    def listening(self) -> bool:
+        """Whether the hub receives what is published (and has loaded the kept history)."""
+        return self._listening.is_set()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -415,29 +423,48 @@ class PredictionHub:
         await self.stop()
 
     async def _listen(self) -> None:
-        async with self.backend.subscribe(CHANNEL) as payloads:
-            # What the backend kept (Redis) fills the history, so resumes work on a replica
-            # that has just started.
-            for first, payload in await self.backend.recent(CHANNEL, self.history.max_frames):
-                self.dispatch(decode_batch(first, payload, self.epoch))
-            self._listening.set()
-            async for first, payload in payloads:
-                if first == 0:
-                    epoch, _, from_seq = payload.decode().partition(" ")
-                    self.renumber(epoch, int(from_seq))
-                    continue
-                try:
-                    bodies = unpack_batch(payload)
-                except Exception:
-                    log.exception("dropping a malformed message batch")
-                    continue
-                # A batch of thousands is numbered and dispatched in slices, each under a
-                # turn, so no single step holds the loop for long. A subscriber that registers
-                # between two slices gets the first in its replay and the rest live.
-                for start in range(0, len(bodies), DISPATCH_SLICE):
-                    async with turn():
-                        chunk = bodies[start : start + DISPATCH_SLICE]
-                        self.dispatch(frames(first + start, chunk, self.epoch))
+        delay = 0.1
+        while True:
+            try:
+                self.epoch = await self.backend.epoch()
+                async with self.backend.subscribe(CHANNEL) as payloads:
+                    # What the backend kept (Redis) fills the history, so resumes work on a
+                    # replica that has just started.
+                    kept = await self.backend.recent(CHANNEL, self.history.max_frames)
+                    for first, payload in kept:
+                        self.dispatch(decode_batch(first, payload, self.epoch))
+                    self._listening.set()
+                    self._tried.set()
+                    await self._follow(payloads)
+                return
+            except Exception as exc:
+                # Only until the first success: from then on the backend's subscription
+                # retries by itself, and anything else is a bug to surface.
+                if self._listening.is_set():
+                    raise
+                self._tried.set()
+                log.warning("backend not reachable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _follow(self, payloads: AsyncIterator[Numbered]) -> None:
+        async for first, payload in payloads:
+            if first == 0:
+                epoch, _, from_seq = payload.decode().partition(" ")
+                self.renumber(epoch, int(from_seq))
+                continue
+            try:
+                bodies = unpack_batch(payload)
+            except Exception:
+                log.exception("dropping a malformed message batch")
+                continue
+            # A batch of thousands is numbered and dispatched in slices, each under a
+            # turn, so no single step holds the loop for long. A subscriber that registers
+            # between two slices gets the first in its replay and the rest live.
+            for start in range(0, len(bodies), DISPATCH_SLICE):
+                async with turn():
+                    chunk = bodies[start : start + DISPATCH_SLICE]
+                    self.dispatch(frames(first + start, chunk, self.epoch))
 
     async def _reap(self) -> None:
         # A peer that takes no bytes at all cannot be reached by a close frame either;
