@@ -179,10 +179,12 @@ class RetryingLoad:
         self.batch = batch
         self.answered: list[int] = []
         self.statuses: Counter[int] = Counter()
+        self.reasons: Counter[str] = Counter()
+        """The details of the 503s, before and after :attr:`mark`."""
         self.bad: list[str] = []
         """Answers other than 202 and 503 with Retry-After."""
         self.first_202_after: float | None = None
-        """When the first 202 after :attr:`mark` came."""
+        """When the first 202 to a request sent after :attr:`mark` came."""
         self.mark = float("inf")
         self.accepted_again = asyncio.Event()
         self._next = 0
@@ -200,6 +202,7 @@ class RetryingLoad:
                 for i in ids
             ]
             while not self._stop.is_set():
+                sent = time.monotonic()
                 try:
                     r = await self.client.post("/v1/readings", json=body)
                 except httpx.TransportError as exc:
@@ -212,10 +215,13 @@ class RetryingLoad:
                         self.bad.append(f"202 {got} for {len(ids)} readings")
                     self.answered.extend(ids)
                     now = time.monotonic()
-                    if self.first_202_after is None and now > self.mark:
+                    if self.first_202_after is None and sent > self.mark:
                         self.first_202_after = now
                         self.accepted_again.set()
                     break
+                if r.status_code == 503:
+                    when = "after" if sent > self.mark else "before"
+                    self.reasons[f"{when}: {r.json().get('detail', r.text)[:60]}"] += 1
                 if r.status_code != 503 or not r.headers.get("retry-after"):
                     self.bad.append(f"{r.status_code} {r.headers} {r.text[:200]}")
                     break
@@ -335,7 +341,7 @@ async def test_primary_killed_under_load_fails_over_and_loses_nothing_answered(
             f"\nmin_replicas={min_replicas}: promotion {promoted_s:.2f} s, first 202 again "
             f"{again_s:.2f} s after SIGKILL; {len(answered)} answered 202 ({before} before the "
             f"kill), {len(lost)} lost, {again} predicted again after the resync; "
-            f"statuses {dict(load.statuses)}"
+            f"statuses {dict(load.statuses)}; 503s: {dict(load.reasons)}"
         )
         assert not load.bad, load.bad[:5]
         assert load.statuses[503] > 0
