@@ -78,6 +78,9 @@ class Node:
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--save", "", "--appendonly", "no",
             "--repl-ping-replica-period", "1",
+            # A full synchronisation starts at once (not after the default 5 s for more
+            # replicas to join): a replica that must resync after a promotion acks sooner.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
@@ -135,9 +138,13 @@ class Cluster:
             r.start_redis(replica_of=self.primary.port)
         for s in self.sentinels:
             s.start_sentinel(self.primary.port)
+
         # Ready for a failover: every Sentinel knows the replicas and the other Sentinels.
-        want = f"connected_slaves:{len(self.replicas)}".encode()
-        _until(lambda: want in _command(self.primary.port, "INFO", "replication"), 15, "replicas")
+        def synced() -> bool:
+            info = _command(self.primary.port, "INFO", "replication")
+            return info.count(b"state=online") == len(self.replicas)
+
+        _until(synced, 15, "replicas in sync")
         for s in self.sentinels:
             _until(lambda s=s: self._sentinel_ready(s.port), 20, "sentinels to meet")
 
@@ -304,8 +311,9 @@ async def test_primary_killed_under_load_fails_over_and_loses_nothing_answered(
     cluster: Cluster, tmp_path: Path, min_replicas: int
 ) -> None:
     """SIGKILL the primary under load: Sentinel promotes a replica, POSTs meanwhile get 503 with
-    Retry-After (never another 5xx), every reading answered 202 is predicted, each once or
-    again only after an epoch_changed gap, and the same processes carry on."""
+    Retry-After (never another 5xx), each reading is predicted once or again only after an
+    epoch_changed gap, and the same processes carry on; with redis_min_replicas=1 every
+    reading answered 202 is predicted (without it, how many are lost is reported)."""
     env = _env(cluster.url, redis_min_replicas=str(min_replicas))
     worker = start_worker(tmp_path, env)
     api = start_server(tmp_path, env)
@@ -345,7 +353,10 @@ async def test_primary_killed_under_load_fails_over_and_loses_nothing_answered(
         )
         assert not load.bad, load.bad[:5]
         assert load.statuses[503] > 0
-        assert not lost, f"{len(lost)} readings answered 202 never predicted"
+        if min_replicas:
+            # Without replicas to wait for, a 202 written on the primary alone can be lost:
+            # measured, not asserted.
+            assert not lost, f"{len(lost)} readings answered 202 never predicted"
         assert gaps and gaps[0]["previous_epoch"] == hello["epoch"], gaps
         assert ready.status_code == 200
         assert api.proc.poll() is None and worker.poll() is None
