@@ -8,7 +8,11 @@ subscriber (its own process, ``batch=true``) counts the predictions it receives 
 - ``redis://`` with two ``sensorcast worker`` replicas (1 shard worker each);
 - ``redis://`` with one worker, a Redis replica and ``redis_min_replicas=1``: every POST and
   every published batch waits for the replica's acknowledgement (``WAIT``); beside the same
-  topology without it, that is the price of "202 means replicated".
+  topology without it, that is the price of "202 means replicated";
+- the admission step alone (``RedisBackend.offer``: the Lua script, and with
+  ``min_replicas=1`` a ``WAIT`` on the same connection), 8 concurrent 50-reading requests
+  against a primary with one replica, without and with ``min_replicas``, alternated: the
+  cost of the replica round trip where it is paid, without the model stage hiding it.
 
 On this 2-core machine everything shares the cores: the API, the workers, redis-server, wrk
 and the subscriber; the Redis path also moves every reading through Redis twice.
@@ -18,11 +22,13 @@ Run: ``python -m bench.scaleout [--quick] [--json PATH]``
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,8 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from app.backends.redis import RedisBackend
+from app.schemas import Reading
 from bench._common import ROOT, Results, free_port, parse_args, post_load, readings_body, service
 from bench.e2e import result_of, subscribe
 
@@ -53,7 +61,8 @@ def redis_server(replica_of: int | None = None) -> Iterator[str]:
         extra = [] if replica_of is None else ["--replicaof", "127.0.0.1", str(replica_of)]
         proc = subprocess.Popen(
             [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", *extra],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+             "--repl-diskless-sync-delay", "0", *extra],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         try:
@@ -92,6 +101,56 @@ def worker(url: str, shards: int, min_replicas: int = 0) -> Iterator[subprocess.
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def _admit(url: str, min_replicas: int, requests: int, size: int = 50) -> list[float]:
+    """Seconds per admission of ``requests`` requests of ``size`` new readings, 8 at once."""
+    backend = RedisBackend(url, min_replicas=min_replicas)
+    seconds: list[float] = []
+    tag = f"{min_replicas}-{time.time_ns()}"
+
+    async def client(c: int) -> None:
+        for i in range(requests // 8):
+            now = time.time()
+            body = [
+                Reading(f"a{j % 20}", f"{tag}-{c}-{i}-{j}", now, ("value",), (1.0,), now)
+                for j in range(size)
+            ]
+            start = time.perf_counter()
+            await backend.offer(body, partitions=16, capacity=10**9, dedup_ttl_s=60)
+            seconds.append(time.perf_counter() - start)
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(8)))
+    finally:
+        await backend.disconnect()
+    return seconds
+
+
+def admission(results: Results, rounds: int) -> None:
+    """Readings/s and latency of the admission step, min_replicas 0 and 1 alternated."""
+    latencies: dict[int, list[float]] = {0: [], 1: []}
+    walls = {0: 0.0, 1: 0.0}
+    with redis_server() as url:
+        primary = int(url.rsplit(":", 1)[1].split("/")[0])
+        with redis_server(replica_of=primary):
+            for _ in range(rounds):
+                for m in (0, 1):
+                    start = time.perf_counter()
+                    latencies[m] += asyncio.run(_admit(url, m, 400))
+                    walls[m] += time.perf_counter() - start
+    rate = {m: len(lat) * 50 / walls[m] for m, lat in latencies.items()}
+    p50 = {m: statistics.median(lat) * 1000 for m, lat in latencies.items()}
+    results.row("admission", "50-reading requests, min_replicas=0", rate[0], "readings/s")
+    results.row(
+        "admission", "50-reading requests, min_replicas=1", rate[1], "readings/s",
+        baseline="min_replicas=0", baseline_value=rate[0],
+    )  # fmt: skip
+    results.row("admission", "p50 latency, min_replicas=0", p50[0], "ms")
+    results.row(
+        "admission", "p50 latency, min_replicas=1", p50[1], "ms",
+        baseline="min_replicas=0", baseline_value=p50[0],
+    )  # fmt: skip
 
 
 def saturate(ws_url: str, url: str, warmup_s: float, duration_s: float) -> dict[str, float]:
@@ -150,6 +209,7 @@ def main() -> None:
                 "scaleout", f"end to end, {name}", value, "readings/s",
                 baseline="memory://", baseline_value=figures["memory"],
             )  # fmt: skip
+    admission(results, rounds=2 if args.quick else 4)
     results.series["scaleout"] = {
         "kind": "bar",
         "x": list(figures),
