@@ -103,6 +103,11 @@ def pretty(item: dict[str, Any], color: bool = False) -> str:
         return f"connected: epoch {item.get('epoch')}, latest seq {item.get('seq')}"
     if kind == "lagged":
         return f"lagged: {item.get('dropped')} messages dropped for this client"
+    if kind == "gap" and "missed" not in item:
+        return (
+            f"gap: new epoch {item.get('epoch')} (was {item.get('previous_epoch')}); "
+            f"numbering goes on at #{item.get('from_seq')}: resynchronise"
+        )
     if kind == "gap":
         return (
             f"gap: {item.get('missed')} messages no longer kept "
@@ -142,7 +147,10 @@ class Printer:
         if kind == "subscribed":
             return
         if kind == "gap" and message.get("reason") == "epoch_changed":
-            self.last_seq = 0
+            # Resume in the new epoch: after its first messages (a live renumbering), or
+            # from its start (a resume across a restart, whose from_seq is 1).
+            self.epoch = message.get("epoch", self.epoch)
+            self.last_seq = int(message.get("from_seq", 1)) - 1
         items = message["items"] if kind == "predictions" else [message]
         for item in items:
             if self.done:

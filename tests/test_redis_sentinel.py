@@ -424,3 +424,24 @@ def test_sentinel_urls_are_parsed() -> None:
     assert a.db == 3 and a.password == "pw"
     with pytest.raises(ValueError, match="SERVICE"):
         Settings(backend="redis+sentinel://h1:26379")
+
+
+def test_subscribe_follows_a_live_epoch_change() -> None:
+    """sensorcast subscribe: after a live epoch_changed gap it resumes in the new epoch from
+    the gap's from_seq, and --pretty says so."""
+    import io
+
+    from app.subscribe import Printer, pretty
+
+    gap = {
+        "type": "gap", "epoch": "new", "previous_epoch": "old", "reason": "epoch_changed",
+        "since": 90, "from_seq": 81,
+    }  # fmt: skip
+    printer = Printer(io.StringIO(), since=None, count=None)
+    printer.handle({"type": "hello", "epoch": "old", "seq": 80})
+    printer.handle({"type": "prediction", "seq": 90, "epoch": "old", "sensor_id": "a"})
+    printer.handle(gap)
+    assert (printer.epoch, printer.last_seq) == ("new", 80)
+    printer.handle({"type": "prediction", "seq": 81, "epoch": "new", "sensor_id": "a"})
+    assert printer.last_seq == 81
+    assert "new epoch new (was old); numbering goes on at #81" in pretty(gap, False)

@@ -468,6 +468,12 @@ function onFrame(m) {
       loadAlarms().catch(console.warn);
       break;
     case "gap":
+      if (m.reason === "epoch_changed" && m.from_seq !== undefined) {
+        // The numbering changed under us (a Redis replica was promoted): follow it.
+        state.epoch = m.epoch;
+        state.lastSeq = m.from_seq - 1;
+        $("epoch").textContent = m.epoch;
+      }
       loadSensors().catch(console.warn);
       loadAlarms().catch(console.warn);
       break;
