@@ -122,6 +122,7 @@ class Worker:
         self._release = self.redis.register_script(_RELEASE)
         self._save = self.redis.register_script(_CHECKPOINT)
         self.observer: BatchObserver | None = None
+        self.primary_changes = 0
         self.processed = 0
         self.published = 0
         self.last_seq = 0
@@ -158,6 +159,15 @@ class Worker:
             await asyncio.gather(*(r.stop() for r in self.runners))
 
     async def _balance(self) -> None:
+        if self.backend.primary_changes != self.primary_changes:
+            # What this worker wrote to the old primary lately may be missing on the new
+            # one: start every partition over there, from its checkpoint and its unacknowledged
+            # entries, as a worker taking a partition over does.
+            self.primary_changes = self.backend.primary_changes
+            for p, task in self.owned.items():
+                if not task.done() and not task.cancelling():
+                    log.warning("worker %s: partition %d restarts on the new primary", self.id, p)
+                    task.cancel()
         now_ms = int(time.time() * 1000)
         workers = self.key("workers")
         await self.redis.zadd(workers, {self.id: now_ms})

@@ -12,7 +12,9 @@ Keys, all under a prefix (``sensorcast:`` by default):
   ``n`` (its message count) and ``b`` (the bodies). Every API replica reads it.
 - ``seq``, ``epoch``: the numbering. ``epoch`` is bound to the primary's replication id
   (``INFO replication`` ``master_replid``): a Redis that lost its data, restarted, or a replica
-  promoted by Sentinel makes a new one, since the numbering may have lost its tail there.
+  promoted by Sentinel makes a new one, since the numbering may have lost its tail there. The
+  scripts that number messages check it and stamp it on each batch (``e``), so a reader sees
+  the change at the first batch the new primary numbered.
 - ``writes``: bumped after each admission so that ``WAIT`` covers every earlier write, the
   first attempt of a retried request included.
 - ``lease:{p}``, ``workers``, ``ckpt:{p}``, ``models:{p}``: which worker owns which
@@ -108,35 +110,62 @@ end
 return {accepted, total - accepted}
 """
 
-# ARGV: prefix, maxlen, count, payload. Returns the first seq.
-_PUBLISH = """
-local prefix, maxlen, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local first = redis.call('INCRBY', prefix .. 'seq', count) - count + 1
-redis.call('XADD', prefix .. 'predictions', 'MAXLEN', '~', maxlen, '*',
-           's', first, 'n', count, 'b', ARGV[4])
-return first
+# The epoch stays while the primary's replication id is its suffix; otherwise a new one is
+# made from ``fresh`` (a promoted replica, a restarted or emptied Redis): its ``seq`` may lack
+# the old numbering's tail. Shared by the scripts that number messages, so every published
+# batch carries the epoch of the primary that numbered it.
+_CURRENT_EPOCH = """
+local function current_epoch(prefix, fresh)
+  local info = redis.call('INFO', 'replication')
+  local suffix = '.' .. string.sub(string.match(info, 'master_replid:(%w+)') or '', 1, 12)
+  local e = redis.call('GET', prefix .. 'epoch')
+  if e and string.sub(e, -#suffix) == suffix then return e end
+  e = fresh .. suffix
+  redis.call('SET', prefix .. 'epoch', e)
+  return e
+end
 """
 
+# ARGV: prefix, fresh epoch prefix. Returns the epoch.
+_EPOCH = _CURRENT_EPOCH + "return current_epoch(ARGV[1], ARGV[2])"
+
+# ARGV: prefix, maxlen, count, payload, fresh epoch prefix. Returns the first seq.
+_PUBLISH = (
+    _CURRENT_EPOCH
+    + """
+local prefix, maxlen, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local epoch = current_epoch(prefix, ARGV[5])
+local first = redis.call('INCRBY', prefix .. 'seq', count) - count + 1
+redis.call('XADD', prefix .. 'predictions', 'MAXLEN', '~', maxlen, '*',
+           's', first, 'n', count, 'b', ARGV[4], 'e', epoch)
+return first
+"""
+)
+
 # Publish a worker's batch and acknowledge its readings, fenced by the partition lease.
-# ARGV: prefix, maxlen, count, payload, partition, owner, nreadings, id...
+# ARGV: prefix, maxlen, count, payload, partition, owner, nreadings, fresh epoch prefix, id...
 # Returns the first seq (0 when nothing was published), or -1 when the lease is not ours.
-_PUBLISH_ACK = """
+_PUBLISH_ACK = (
+    _CURRENT_EPOCH
+    + """
 local prefix, maxlen, count, p, owner = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5], ARGV[6]
 if redis.call('GET', prefix .. 'lease:' .. p) ~= owner then return -1 end
 local first = 0
 if count > 0 then
+  local epoch = current_epoch(prefix, ARGV[8])
   first = redis.call('INCRBY', prefix .. 'seq', count) - count + 1
   redis.call('XADD', prefix .. 'predictions', 'MAXLEN', '~', maxlen, '*',
-             's', first, 'n', count, 'b', ARGV[4])
+             's', first, 'n', count, 'b', ARGV[4], 'e', epoch)
 end
 local ids = {}
-for k = 8, #ARGV do ids[#ids + 1] = ARGV[k] end
+for k = 9, #ARGV do ids[#ids + 1] = ARGV[k] end
 if #ids > 0 then
   redis.call('XACK', prefix .. 'readings:' .. p, 'workers', unpack(ids))
 end
 redis.call('DECRBY', prefix .. 'backlog:' .. p, tonumber(ARGV[7]))
 return first
 """
+)
 
 
 def entry_readings(fields: dict[bytes, bytes]) -> list[Reading]:
@@ -153,16 +182,6 @@ def entry_readings(fields: dict[bytes, bytes]) -> list[Reading]:
     keep = ord("0")
     return [r for r, flag in zip(readings, mask, strict=True) if flag == keep]
 
-
-# The epoch stays while the primary's replication id is its suffix; otherwise a new one.
-# KEYS: epoch; ARGV: suffix (``.`` and the replication id's first 12 digits), fresh prefix.
-_EPOCH = """
-local e = redis.call('GET', KEYS[1])
-if e and string.sub(e, -#ARGV[1]) == ARGV[1] then return e end
-e = ARGV[2] .. ARGV[1]
-redis.call('SET', KEYS[1], e)
-return e
-"""
 
 SENTINEL_PORT = 26379
 
@@ -239,10 +258,18 @@ class RedisBackend:
         # A call that waits for replicas may take that much longer.
         self.call_timeout_s = timeout_s + (replica_timeout_ms / 1000 if min_replicas else 0)
         self.sentinel: Sentinel | None = None
+        self.service = ""
+        self.primary: tuple[str, int] | None = None
+        """The primary's address as the Sentinels last named it."""
+        self.primary_changes = 0
+        """How often the Sentinels named another primary (the workers start their partitions
+        over on the new one)."""
+        self._watch: asyncio.Task[None] | None = None
         self.client: aioredis.Redis
         self.reader: aioredis.Redis
         if url.startswith("redis+sentinel://"):
             address = sentinel_address(url)
+            self.service = address.service
             self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 address.sentinels,
                 sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
@@ -280,17 +307,47 @@ class RedisBackend:
     async def connect(self) -> None:
         # Redis may not be up yet (compose starts services together): don't fail start-up,
         # readiness says no until it answers.
+        if self.sentinel is not None and self._watch is None:
+            self._watch = asyncio.create_task(self._follow_primary(), name="redis-primary")
         try:
             await self.epoch()
         except RedisError as exc:
             log.warning("Redis at %s not reachable yet: %s", self.url, exc)
 
     async def disconnect(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         await self.client.aclose()
         await self.reader.aclose()
         if self.sentinel is not None:
             for sentinel in self.sentinel.sentinels:
                 await sentinel.aclose()
+
+    async def _follow_primary(self, period_s: float = 1.0) -> None:
+        """Ask the Sentinels for the primary every ``period_s``; when they name another, move
+        every connection to it: idle ones now, busy ones when their call returns.
+
+        A connection asks the Sentinels only when it is made. Without this, connections to a
+        primary demoted by a requested failover (or cut off by a partition) would keep
+        writing to it until it turns into a replica, which Sentinel does only seconds later:
+        writes that the new primary never sees.
+        """
+        assert self.sentinel is not None
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                address: tuple[str, int] = await self.sentinel.discover_master(self.service)
+            except (RedisError, OSError) as exc:
+                log.debug("asking the Sentinels for %s: %s", self.service, exc)
+                continue
+            if self.primary is not None and address != self.primary:
+                log.warning("Redis primary moved from %s:%d to %s:%d", *self.primary, *address)
+                for client in (self.client, self.reader):
+                    await client.connection_pool.run_proactive_reconnect()
+                self.primary_changes += 1
+            self.primary = address
 
     async def ping(self) -> bool:
         try:
@@ -301,16 +358,13 @@ class RedisBackend:
     async def epoch(self) -> str:
         """The numbering's identity, bound to the primary's replication id: a promoted replica,
         a restarted or emptied Redis get a new one (their ``seq`` may have lost its tail)."""
-        info: Any = await self.client.info("replication")
-        suffix = "." + str(info.get("master_replid", ""))[:12]
-        fresh = f"{int(time.time()):x}-{secrets.token_hex(4)}"
-        value = await self._epoch_script(keys=[self.key("epoch")], args=[suffix, fresh])
+        value = await self._epoch_script(args=[self.prefix, _fresh_epoch()])
         self._epoch = value.decode() if isinstance(value, bytes) else str(value)
         return self._epoch
 
     async def publish(self, channel: str, payload: bytes, count: int) -> int:
-        first = await self._publish(args=[self.prefix, self.predictions_maxlen, count, payload])
-        return int(first)
+        args: list[Any] = [self.prefix, self.predictions_maxlen, count, payload, _fresh_epoch()]
+        return int(await self._publish(args=args))
 
     async def replicated(self) -> bool:
         """True once ``min_replicas`` replicas hold every write made so far (a fresh write
@@ -346,7 +400,7 @@ class RedisBackend:
         """
         args: list[Any] = [
             self.prefix, self.predictions_maxlen, count, payload, partition, owner, readings,
-            *entry_ids,
+            _fresh_epoch(), *entry_ids,
         ]  # fmt: skip
         if not self.min_replicas:
             return int(await self._publish_ack(args=args))
@@ -374,44 +428,32 @@ class RedisBackend:
         async def payloads() -> AsyncIterator[Numbered]:
             nonlocal last
             delay = 0.1
-            check = False
-            """Whether the epoch may have changed: after an error, and when idle."""
             while True:
                 try:
-                    if check:
-                        changed = await self._epoch_change(stream, last)
-                        check = False
-                        if changed is not None:
-                            yield changed
                     response: Any = await self.reader.xread({stream: last}, count=100, block=1000)
                     delay = 0.1
                 except (RedisError, OSError) as exc:
                     log.warning("reading %s: %s; retrying in %.1f s", stream, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-                    check = True
                     continue
-                check = not response
                 for _stream, entries in response or ():
                     for entry_id, fields in entries:
                         last = entry_id
-                        yield int(fields[b"s"]), fields[b"b"]
+                        first = int(fields[b"s"])
+                        # Each batch carries the epoch of the primary that numbered it: the
+                        # first of a new primary announces the renumbering, exactly there.
+                        epoch = fields.get(b"e")
+                        if epoch is not None and epoch.decode() != self._epoch:
+                            log.warning(
+                                "epoch changed (%s -> %s): numbering goes on at %d",
+                                self._epoch, epoch.decode(), first,
+                            )  # fmt: skip
+                            self._epoch = epoch.decode()
+                            yield 0, b"%s %d" % (epoch, first)
+                        yield first, fields[b"b"]
 
         yield payloads()
-
-    async def _epoch_change(self, stream: str, last: bytes | str) -> Numbered | None:
-        """``(0, b"EPOCH FROM_SEQ")`` when the epoch is no longer the one last seen, where
-        FROM_SEQ is the seq of the first message after ``last`` in the new numbering."""
-        before = self._epoch
-        epoch = await self.epoch()
-        if before is None or epoch == before:
-            return None
-        # The counter first, then the stream: a batch published in between is found there.
-        counter = int(await self.client.get(self.key("seq")) or 0)
-        after: Any = await self.client.xrange(stream, min=b"(" + _b(last), count=1)
-        first = int(after[0][1][b"s"]) if after else counter + 1
-        log.warning("epoch changed (%s -> %s): numbering continues at %d", before, epoch, first)
-        return 0, f"{epoch} {first}".encode()
 
     async def recent(self, channel: str, max_messages: int) -> list[Numbered]:
         stream = self.key(channel)
@@ -499,5 +541,6 @@ class RedisBackend:
         return int(accepted), int(duplicates)
 
 
-def _b(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
+def _fresh_epoch() -> str:
+    """The first part of a new epoch, should one be made (the replication id follows)."""
+    return f"{int(time.time()):x}-{secrets.token_hex(4)}"
