@@ -19,7 +19,8 @@ async def healthz() -> dict[str, str]:
 async def readiness(pipeline: Ingest, hub: PredictionHub) -> dict[str, bool]:
     """The checks behind ``/readyz`` (and the ``sensorcast_ready`` gauge): ready when all hold."""
     backend = await hub.backend.ping()
-    return {**(await pipeline.checks() if backend else {}), "backend": backend}
+    checks = await pipeline.checks() if backend else {}
+    return {**checks, "backend": backend, "stream": hub.listening}
 
 
 @router.get("/readyz", summary="Ready for work: the pool and backend can take readings")

@@ -147,6 +147,12 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
     if hub.closing:
         await _deny(websocket, 503, "server shutting down")
         return
+    if not hub.listening:
+        await _deny(
+            websocket, 503, "the prediction stream is not reachable yet; retry later",
+            {"Retry-After": "1"},
+        )  # fmt: skip
+        return
     edge: Edge = websocket.app.state.edge
     owner = None if guard_of(websocket.app).open else key_id(websocket_key(websocket))
     refusal = edge.slots.acquire(owner)

@@ -18,12 +18,12 @@ import re
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from app.backends.base import Backend
+from app.backends.base import Backend, Numbered
 from app.config import SlowClientPolicy
 from app.pipeline.alarm_book import AlarmBook
 from app.pipeline.wire import CHANNEL, Message, decode_batch, frames, unpack_batch
@@ -353,16 +353,23 @@ class PredictionHub:
         self._dropped_gone = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self._attempted = asyncio.Event()
         self._changed = asyncio.Event()
 
+    @property
+    def listening(self) -> bool:
+        """Connected to the backend's stream, the epoch known and the history loaded."""
+        return self._listening.is_set()
+
     async def start(self) -> None:
+        """Start listening; return once connected, or after the first failed attempt (a
+        backend that is down at start, Redis say, is retried until it answers)."""
         if not self._tasks:
-            self.epoch = await self.backend.epoch()
             self._tasks = [
                 asyncio.create_task(self._listen(), name="hub-listen"),
                 asyncio.create_task(self._reap(), name="hub-reap"),
             ]
-            await self._listening.wait()
+            await self._attempted.wait()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -398,13 +405,35 @@ class PredictionHub:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> AsyncIterator[Numbered]:
+        """Read the epoch, subscribe and load what the backend kept, retrying with backoff
+        until the backend answers; the subscription is left open on ``stack``."""
+        delay = 0.1
+        while True:
+            try:
+                async with contextlib.AsyncExitStack() as attempt:
+                    epoch = await self.backend.epoch()
+                    payloads = await attempt.enter_async_context(self.backend.subscribe(CHANNEL))
+                    # What the backend kept (Redis) fills the history, so resumes work on a
+                    # replica that has just started.
+                    kept = await self.backend.recent(CHANNEL, self.history.max_frames)
+                    stack.push_async_exit(attempt.pop_all())
+                    break
+            except Exception as exc:  # whatever the backend raises while it is unreachable
+                self._attempted.set()
+                log.warning("backend not reachable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.epoch = epoch
+        for first, payload in kept:
+            self.dispatch(decode_batch(first, payload, epoch))
+        self._listening.set()
+        self._attempted.set()
+        return payloads
+
     async def _listen(self) -> None:
-        async with self.backend.subscribe(CHANNEL) as payloads:
-            # What the backend kept (Redis) fills the history, so resumes work on a replica
-            # that has just started.
-            for first, payload in await self.backend.recent(CHANNEL, self.history.max_frames):
-                self.dispatch(decode_batch(first, payload, self.epoch))
-            self._listening.set()
+        async with contextlib.AsyncExitStack() as stack:
+            payloads = await self._connect(stack)
             async for first, payload in payloads:
                 try:
                     bodies = unpack_batch(payload)
