@@ -317,6 +317,22 @@ def test_a_sustained_shift_raises_one_alarm_held_until_it_ends() -> None:
     assert cleared.detectors and set(cleared.detectors) <= DETECTORS
 
 
+def test_a_flapping_fault_is_one_episode() -> None:
+    """A fault that clears and comes back within alarm_flap_window readings (288 by default)
+    reopens the same episode, with the same alarm_id; one that comes back later is another."""
+    sim = SensorSim("s", channels=3, seed=31, anomaly_rate=0.0, interval_s=1.0)
+    ts, values, _ = sim.take(2_600)
+    for start, end in ((1_200, 1_400), (1_550, 1_700), (2_100, 2_250)):
+        values[start:end] += 6 * sim.noise
+    out = drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values)
+    alarms = [event for _, event in out["alarms"]]
+    assert [e.state for e in alarms] == ["raised", "cleared"] * 3, alarms
+    first, again, later = (alarms[i].alarm_id for i in (0, 2, 4))
+    assert again == first, "back 150 readings after the clear: the same episode"
+    assert later != first, "back 380 readings after the clear: a new one"
+    assert alarms[3].started_at == alarms[0].started_at == ts[1_200]
+
+
 def test_sustained_faults_shift_several_channels_together_for_minutes() -> None:
     """A sustained fault shifts 2 channels or more of a 4-channel sensor (the one channel of a
     single-channel one) by the same 4-8 σ each, for 60-600 readings, labelled as such."""
