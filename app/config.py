@@ -96,8 +96,9 @@ class Settings(BaseSettings):
     """Normal readings in a row that clear an alarm."""
     alarm_hold_score: float = Field(0.2, ge=0, le=1)
     """While an alarm is raised, a reading scoring at least this keeps it raised."""
-    alarm_flap_window: int = Field(60, ge=0)
-    """Readings after a clear within which a new alarm reopens the same episode."""
+    alarm_flap_window: int = Field(288, ge=0)
+    """Readings after a clear within which a new alarm reopens the same episode (288: a day
+    of 5-minute readings)."""
     alarm_max_readings: int = Field(720, ge=0)
     """Readings an alarm may stay raised before the fault is declared the sensor's new normal
     (0: never)."""
