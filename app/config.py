@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     # Subscriptions
     history_max_frames: int = Field(100_000, ge=0)
     history_max_bytes: int = Field(32 * 2**20, ge=0)
-    """Size of the frames kept for resumes (their JSON text), besides their count: frames of
-    many-channel sensors with explanations are larger, and memory must stay bounded."""
+    """Memory the messages kept for resumes may take (their JSON text plus the bookkeeping of
+    each), besides their count: frames of many-channel sensors with explanations are larger,
+    and memory must stay bounded."""
     history_max_age_s: float = Field(3600.0, ge=0)
     subscriber_queue_frames: int = Field(10_000, ge=1)
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest

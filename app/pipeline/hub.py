@@ -92,9 +92,19 @@ class SensorFilter:
         return [m for m in messages if self.wants(m)]
 
 
+MESSAGE_OVERHEAD = 224
+"""Bytes a kept message takes besides its frame's text: the ``Message`` struct, the string's
+header, its ``seq`` and running total, and its slots in the history's lists (measured with
+tracemalloc; ``tests/test_hub.py`` checks the bound holds)."""
+
+
+_GONE = Message(0, "", "", False, "")
+"""Stands in the history's list for a message that fell out, until the list is compacted."""
+
+
 class History:
-    """Recent messages in ``seq`` order, bounded by count, by the size of their frames and
-    by age.
+    """Recent messages in ``seq`` order, bounded by count, by the memory they take (their
+    frames plus :data:`MESSAGE_OVERHEAD` each) and by age.
 
     Parallel lists with a moving head rather than a deque, so that :meth:`after` finds a
     resume point by bisection, and so does the size bound (on running totals of the frames'
@@ -106,7 +116,7 @@ class History:
         >>> h.extend([Message(s, "prediction", "a", False, str(s)) for s in range(1, 6)], now=0)
         >>> h.oldest_seq, [m.seq for m in h.after(3)], len(h)
         (3, [4, 5], 3)
-        >>> h = History(max_frames=10, max_age_s=60, max_bytes=5)
+        >>> h = History(max_frames=10, max_age_s=60, max_bytes=2 * (MESSAGE_OVERHEAD + 2))
         >>> h.extend([Message(s, "prediction", "a", False, "ab") for s in range(1, 6)], now=0)
         >>> [m.seq for m in h.after(0)]
         [4, 5]
@@ -137,7 +147,8 @@ class History:
         self._messages.extend(messages)
         self._times.extend([now] * len(messages))
         ends = self._ends
-        ends.extend(accumulate([len(m.frame) for m in messages], initial=self._before(len(ends))))
+        sizes = [len(m.frame) + MESSAGE_OVERHEAD for m in messages]
+        ends.extend(accumulate(sizes, initial=self._before(len(ends))))
         del ends[-len(messages) - 1]  # accumulate's initial value
         self.trim(now)
 
@@ -157,6 +168,9 @@ class History:
         times = self._times
         if head < len(times) and times[head] < horizon:
             head = bisect_right(times, horizon, lo=head)
+        if head > self._head:
+            # What falls out goes now, not at the next compaction: only the slots stay.
+            self._messages[self._head : head] = [_GONE] * (head - self._head)
         self._head = head
         if head > 1024 and head * 4 > len(self._seqs):
             self._base = ends[head - 1]
@@ -307,7 +321,7 @@ class PredictionHub:
     Args:
         backend: Where messages come from (``subscribe(CHANNEL)``) and the epoch is read.
         history_max_frames: Messages kept for resumes.
-        history_max_bytes: Size of their frames kept for resumes.
+        history_max_bytes: Memory the messages kept for resumes may take.
         history_max_age_s: How long a message is kept for resumes.
         subscriber_queue_frames: Each subscriber's queue bound.
         policy: What happens to a subscriber whose queue is full.
