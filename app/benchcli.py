@@ -47,6 +47,7 @@ SCRIPTS = (
     Script("nab", "quality on real series (nab-dev), bulk and paced", 420, 60),
     Script("alarms", "alarm coverage on sustained faults", 240, 60),
     Script("scaleout", "scale-out on Redis beside memory://, and min_replicas=1", 300, 120),
+    Script("redis_cost", "Redis cost per reading, sizing projections", 300, 120),
 )
 
 

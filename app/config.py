@@ -96,8 +96,9 @@ class Settings(BaseSettings):
     """Normal readings in a row that clear an alarm."""
     alarm_hold_score: float = Field(0.2, ge=0, le=1)
     """While an alarm is raised, a reading scoring at least this keeps it raised."""
-    alarm_flap_window: int = Field(60, ge=0)
-    """Readings after a clear within which a new alarm reopens the same episode."""
+    alarm_flap_window: int = Field(288, ge=0)
+    """Readings after a clear within which a new alarm reopens the same episode (288: a day
+    of 5-minute readings)."""
     alarm_max_readings: int = Field(720, ge=0)
     """Readings an alarm may stay raised before the fault is declared the sensor's new normal
     (0: never)."""
@@ -188,8 +189,9 @@ class Settings(BaseSettings):
     # Subscriptions
     history_max_frames: int = Field(100_000, ge=0)
     history_max_bytes: int = Field(32 * 2**20, ge=0)
-    """Size of the frames kept for resumes (their JSON text), besides their count: frames of
-    many-channel sensors with explanations are larger, and memory must stay bounded."""
+    """Memory the messages kept for resumes may take (their JSON text plus the bookkeeping of
+    each), besides their count: frames of many-channel sensors with explanations are larger,
+    and memory must stay bounded."""
     history_max_age_s: float = Field(3600.0, ge=0)
     subscriber_queue_frames: int = Field(10_000, ge=1)
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest

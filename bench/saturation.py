@@ -10,7 +10,9 @@ process; every other part runs in processes of its own, as in production:
   it receives: the end-to-end rate, POST to frame;
 - a prober (``bench/_prober.py``) GETs ``/healthz`` every 10 ms: p50/p99 from outside;
 - at the end of the window, ``GET /v1/debug/loop-lag`` gives the service's event-loop lag
-  p99 over it; the service's RSS is read from ``/proc`` before the load and every second of it.
+  p99 over it, and a bare event loop in a process of its own (``bench/_floor.py``) the lag
+  the operating system alone adds beside the same load: the floor under the service's;
+  the service's RSS is read from ``/proc`` before the load and every second of it.
 
 The end-to-end rate is set against the model stage alone, measured in the same run on the
 same work (``bench.scaling.run_runners`` with one model process per core). The same load then
@@ -80,6 +82,7 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
     sub = subscribe(svc.ws_url + "?batch=true", start, end, latency=False)
     window = ("--start", str(start), "--end", str(end))
     prober = _spawn("bench._prober", svc.url + "/healthz", *window)
+    floor = _spawn("bench._floor", *window)
     loadgens = [
         _spawn(
             "bench._loadgen",
@@ -110,11 +113,12 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
         lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s}).json()
         loads = [_result(p, stop - time.time() + 60) for p in loadgens]
         probe = _result(prober, 30)
+        bare = _result(floor, 30)
         delivered = result_of(sub)
     finally:
         done.set()
         sampler.join()
-        for p in [*loadgens, prober, sub]:
+        for p in [*loadgens, prober, floor, sub]:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
@@ -129,6 +133,7 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
         "healthz_p99_ms": probe["p99_ms"],
         "healthz_failed": probe["failed"],
         "loop_lag_p99_ms": lag["p99_ms"],
+        "floor_lag_p99_ms": bare["p99_ms"],
         "rss_idle": idle,
         "rss_warm": after_warmup[0] if after_warmup else 0,
         "rss_end": after_warmup[-1] if after_warmup else 0,
@@ -160,6 +165,10 @@ def report(results: Results, label: str, r: dict[str, Any], stage: float | None)
     results.row(
         item, "event-loop lag p99", r["loop_lag_p99_ms"], "ms",
         target="<= 5 ms", met=r["loop_lag_p99_ms"] <= 5,
+    )  # fmt: skip
+    results.row(
+        item, "event-loop lag p99 of a bare loop beside the same load", r["floor_lag_p99_ms"],
+        "ms",
     )  # fmt: skip
     growth = (r["rss_end"] - r["rss_idle"]) / MIB
     drift = (r["rss_end"] - r["rss_warm"]) / MIB

@@ -65,9 +65,13 @@ class Server:
 
 
 def start_server(
-    tmp_dir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 90
+    tmp_dir: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 90,
+    ready_path: str = "/readyz",
 ) -> Server:
-    """Start the service with ``SENSORCAST_*`` settings from ``env`` and wait until ready."""
+    """Start the service with ``SENSORCAST_*`` settings from ``env`` and wait until
+    ``ready_path`` answers 200 (``/healthz``: serving, whether or not its backend is up)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -92,7 +96,7 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}{ready_path}", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -103,6 +103,27 @@ def test_readme_command_rewrites_only_its_section_and_is_idempotent(tmp_path: Pa
     assert readme.main(args) == 0 and page.read_text() == text
 
 
+def test_readme_sizing_section_comes_from_the_redis_cost_rows(tmp_path: Path) -> None:
+    """The sizing section between its own markers is written from the ``redis_cost`` rows
+    (and says so when the run had none); the README's is what the committed JSON gives."""
+    report = _report()
+    rows = [
+        {"item": "redis 1,000-reading requests", "measure": "Redis CPU per reading",
+         "value": 6.5, "unit": "us/reading"},
+        {"item": "projected", "measure": "model processes for 100,000 readings/s",
+         "value": 4.25, "unit": "processes"},
+    ]  # fmt: skip
+    assert "did not include `redis_cost`" in readme.render_sizing(report)
+    report["scripts"]["redis_cost"] = {"status": "ok", "rows": rows}  # type: ignore[index]
+    sizing = readme.render_sizing(report)
+    assert "| Redis CPU per reading | 6.5 µs | n/a |" in sizing
+    assert "- projected, model processes for 100,000 readings/s: 4.25" in sizing
+    committed = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    expected = readme.render_sizing(committed)
+    assert readme.replace(text, expected, readme.SIZING_BEGIN, readme.SIZING_END) == text
+
+
 def test_readme_command_refuses_a_page_without_markers(tmp_path: Path) -> None:
     """A README without the marker comments is left alone and the command exits 2."""
     page = tmp_path / "README.md"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from app.backends.memory import MemoryBackend
 from app.config import SlowClientPolicy
-from app.pipeline.hub import History, PredictionHub, SensorFilter, Subscriber
+from app.pipeline.hub import MESSAGE_OVERHEAD, History, PredictionHub, SensorFilter, Subscriber
 from app.pipeline.wire import Message
 
 
@@ -106,6 +107,33 @@ async def test_filters_are_applied_once_per_distinct_filter() -> None:
     assert [m.seq for m in anomalies.take()] == [10, 20, 30]
 
 
+@pytest.mark.parametrize("frame_len", [60, 350, 2000])
+def test_history_memory_stays_within_history_max_bytes(frame_len: int) -> None:
+    """What the history holds, measured by tracemalloc (frames, structs, lists and all),
+    stays within ``max_bytes`` (plus a little for the lists' spare room) however many
+    messages went through it."""
+    max_bytes = 4 * 2**20
+    tracemalloc.start()
+    try:
+        history = History(max_frames=10**9, max_age_s=3600, max_bytes=max_bytes)
+        base = tracemalloc.get_traced_memory()[0]
+        seq, peak = 0, 0
+        for _ in range(max_bytes * 3 // (256 * frame_len)):
+            batch = []
+            for _ in range(256):
+                seq += 1
+                batch.append(Message(seq, "prediction", "s", False, f"{seq:08d}".ljust(frame_len)))
+            history.extend(batch, now=0.0)
+            del batch
+            peak = max(peak, tracemalloc.get_traced_memory()[0] - base)
+    finally:
+        tracemalloc.stop()
+    assert len(history) > 0
+    assert peak <= max_bytes * 1.25, (
+        f"{peak / 2**20:.1f} MiB held for a {max_bytes >> 20} MiB bound"
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     batches=st.lists(st.lists(st.integers(1, 40), max_size=700), max_size=12),
@@ -128,7 +156,7 @@ def test_history_keeps_the_newest_messages_within_count_and_size(
         history.extend(batch, now=0.0)
         kept, size = 0, 0
         for message in reversed(sent):
-            size += len(message.frame)
+            size += len(message.frame) + MESSAGE_OVERHEAD
             if kept == max_frames or (max_bytes is not None and size > max_bytes):
                 break
             kept += 1

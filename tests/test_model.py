@@ -11,6 +11,7 @@ import pytest
 from app.models.alarms import AlarmOptions
 from app.models.base import ModelOptions, ModelPathError, load_model_class
 from app.models.ridge import (
+    BLEND_WEIGHTS,
     OMEGA,
     WINDOW,
     Fitted,
@@ -110,6 +111,111 @@ def test_online_forecast_matches_the_fitted_model() -> None:
     expected = _expect(fitted.channels[0].step, tail, np.array([ts[200] + fitted.interval_s]))
     assert np.asarray(obs.forecast)[0][0] == pytest.approx(expected[0], rel=1e-9)
     assert OMEGA > 0
+
+
+def square_steps_and_random_walk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Levels held for 20-200 readings with small noise, plus a random walk: the last value
+    forecasts them better than a model of the window does."""
+    rng = np.random.default_rng(seed)
+    ts = 1.78e9 + np.arange(n) * 300.0
+    levels = np.repeat(rng.normal(0, 5, n // 20), rng.integers(20, 200, n // 20))[:n]
+    walk = np.cumsum(rng.normal(0, 0.3, n))
+    return ts, (50 + levels + walk + rng.normal(0, 0.05, n))[:, None]
+
+
+def test_the_blend_does_no_worse_than_the_ridge_forecast() -> None:
+    """On square steps plus a random walk the published forecast (blended with the last value)
+    has an error at most the pure ridge forecast's, and below it by a margin."""
+    ts, values = square_steps_and_random_walk(3_000, seed=40)
+    model = RidgeForecaster("s", ("value",), OPTIONS)
+    blend = np.full(len(values), np.nan)
+    ridge = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        obs = model.observe(ts[i : i + 1], values[i : i + 1])
+        blend[i] = obs.forecast[0][0]
+        ridge[i] = model._ridge_next[0]
+    after = slice(300, len(values) - 1)
+    actual = values[301:, 0]
+    ours = np.abs(blend[after] - actual).mean()
+    pure = np.abs(ridge[after] - actual).mean()
+    persistence = np.abs(values[after, 0] - actual).mean()
+    assert ours <= pure and ours < 0.9 * pure, (ours, pure, persistence)
+    assert ours < 1.05 * persistence
+    assert model._blend_w[0] < 1.0
+
+
+def test_the_blend_takes_the_candidate_with_the_least_faded_error() -> None:
+    """Each in-order reading adds (|e| - err) / 128 to each candidate's error, e from the
+    forecasts published after the reading before; the least error wins, ties the larger w."""
+    ts, values = noise(100, seed=41)
+    model = RidgeForecaster("s", ("value",), OPTIONS)
+    drive(model, ts[:80], values[:80])
+    weights = np.asarray(BLEND_WEIGHTS)
+    assert list(weights) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+    def step(ridge: float, last: float, y: float) -> list[float]:
+        before = np.asarray(model._blend_error[0])
+        model._ridge_next, model._last_row = [ridge], [last]
+        model._blend(0, y)
+        after: list[float] = model._blend_error[0]
+        assert after == pytest.approx(
+            before + (np.abs(y - last - weights * (ridge - last)) - before) / 128
+        )
+        return after
+
+    model._blend_error = [[0.0] * 5]
+    step(12.0, 12.0, 11.0)  # the ridge forecast was the last value: every candidate ties
+    assert model._blend_w == [1.0]
+    model._blend_error = [[0.0] * 5]
+    step(12.0, 10.0, 11.0)  # halfway between: the w = 1/2 candidate was exact
+    assert model._blend_w == [0.5]
+    step(12.0, 10.0, 10.0)  # the last value was exact
+    assert model._blend_w == [0.0]
+    for _ in range(3):
+        step(12.0, 10.0, 12.0)  # the ridge forecast was exact
+    assert model._blend_w == [1.0]
+
+    # The published forecast uses the chosen weight: last + w·(ridge - last).
+    model._blend_error = [[0.0] * 5]
+    step(12.0, 10.0, 11.0)
+    obs = model.observe(ts[80:81], values[80:81])
+    last, ridge, w = values[80, 0], model._ridge_next[0], model._blend_w[0]
+    assert w < 1.0 and obs.forecast[0][0] == pytest.approx(last + w * (ridge - last), rel=1e-12)
+
+
+def test_a_late_reading_gets_a_finite_forecast() -> None:
+    """A late reading, right after the first fit or once the blend has left the ridge
+    forecast, is given the current forecast, finite, and changes nothing after it."""
+    ts, values = square_steps_and_random_walk(900, seed=42)
+    for upto in (64, 65, 600):
+        a = RidgeForecaster("s", ("value",), OPTIONS)
+        b = RidgeForecaster("s", ("value",), OPTIONS)
+        before = drive(a, ts[:upto], values[:upto], chunk=1)
+        drive(b, ts[:upto], values[:upto], chunk=1)
+        late = a.observe(ts[[upto - 30, upto - 5]], values[[10, 20]] + 7.0)
+        forecast = np.asarray(late.forecast, dtype=float)
+        assert np.isfinite(forecast).all() and np.isfinite(late.score).all()
+        if upto > 64:
+            assert (forecast == before["forecast"][upto - 1, 0]).all()
+        after_a = a.observe(ts[upto:], values[upto:])
+        after_b = b.observe(ts[upto:], values[upto:])
+        assert np.isfinite(np.asarray(after_a.forecast, dtype=float)).all()
+        assert np.array_equal(after_a.forecast, after_b.forecast)
+        assert np.array_equal(after_a.score, after_b.score)
+    assert a._blend_w[0] < 1.0
+
+
+def test_the_blend_survives_a_state_round_trip() -> None:
+    """The candidates' errors are model state: a restored model publishes the same blend."""
+    ts, values = square_steps_and_random_walk(1_200, seed=43)
+    a = RidgeForecaster("s", ("value",), OPTIONS)
+    drive(a, ts[:700], values[:700])
+    b = RidgeForecaster("s", ("value",), OPTIONS)
+    b.restore(pickle.loads(pickle.dumps(a.state())))
+    assert b._blend_error == a._blend_error and b._blend_w == a._blend_w
+    oa = a.observe(ts[700:], values[700:])
+    ob = b.observe(ts[700:], values[700:])
+    assert np.array_equal(oa.forecast, ob.forecast)
 
 
 @pytest.mark.parametrize("kind", ["spike", "stuck"])
@@ -315,6 +421,22 @@ def test_a_sustained_shift_raises_one_alarm_held_until_it_ends() -> None:
     assert end <= cleared_at < end + 30 and cleared.reason == "recovered"
     assert raised.alarm_id == cleared.alarm_id and cleared.peak_score > 0.5
     assert cleared.detectors and set(cleared.detectors) <= DETECTORS
+
+
+def test_a_flapping_fault_is_one_episode() -> None:
+    """A fault that clears and comes back within alarm_flap_window readings (288 by default)
+    reopens the same episode, with the same alarm_id; one that comes back later is another."""
+    sim = SensorSim("s", channels=3, seed=31, anomaly_rate=0.0, interval_s=1.0)
+    ts, values, _ = sim.take(2_600)
+    for start, end in ((1_200, 1_400), (1_550, 1_700), (2_100, 2_250)):
+        values[start:end] += 6 * sim.noise
+    out = drive(RidgeForecaster("s", sim.names, OPTIONS), ts, values)
+    alarms = [event for _, event in out["alarms"]]
+    assert [e.state for e in alarms] == ["raised", "cleared"] * 3, alarms
+    first, again, later = (alarms[i].alarm_id for i in (0, 2, 4))
+    assert again == first, "back 150 readings after the clear: the same episode"
+    assert later != first, "back 380 readings after the clear: a new one"
+    assert alarms[3].started_at == alarms[0].started_at == ts[1_200]
 
 
 def test_sustained_faults_shift_several_channels_together_for_minutes() -> None:

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
-    ROOT,
     RedisServer,
     Server,
     collect,
     connect,
     free_port,
-    quiet,
     receive_json,
     start_server,
     start_worker,
@@ -204,79 +197,3 @@ async def test_a_worker_serves_its_model_stage_metrics(
     assert figures["sensorcast_model_fit_seconds_count"] >= 4  # each sensor's first fit
     assert figures["sensorcast_e2e_latency_seconds_count"] >= 1
     assert figures["sensorcast_published_messages_total"] >= 400
-
-
-async def test_a_retry_on_the_other_replica_is_predicted_once(topology: Topology) -> None:
-    """A request sent to API replica 1 and retried on replica 2 (its answer lost, say): the
-    retry is acknowledged as duplicates and each reading is predicted once."""
-    one, two = topology.apis
-    body: list[dict[str, Any]] = [
-        {"sensor_id": f"d{i % 3}", "value": float(i), "id": f"d-{i}"} for i in range(60)
-    ]
-    async with (
-        httpx.AsyncClient(base_url=one.url, timeout=30) as first,
-        httpx.AsyncClient(base_url=two.url, timeout=30) as second,
-        connect(f"{two.ws_url}?batch=true") as ws,
-    ):
-        await wait_ready(first)
-        await receive_json(ws)
-        r1 = await first.post("/v1/readings", json=body)
-        r2 = await second.post("/v1/readings", json=body)
-        got = await collect(ws, 60)
-        more = await quiet(ws, 1.0)
-    assert r1.json() == {"accepted": 60, "duplicates": 0}
-    assert r2.status_code == 202 and r2.json() == {"accepted": 0, "duplicates": 60}
-    assert sorted(p["id"] for p in got) == sorted(b["id"] for b in body) and more == []
-
-
-def spawn(log_path: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A process of this checkout, its output in ``log_path``; not waited for."""
-    with log_path.open("wb") as log:
-        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-async def test_an_api_started_before_redis_is_ready_once_redis_is(tmp_path: Path) -> None:
-    """An API replica started while Redis is down stays up: /healthz 200, /readyz and
-    subscriptions 503; once Redis and a worker are up it is ready and predicts, unrestarted."""
-    redis = RedisServer(tmp_path)  # its port stays free until it starts
-    port = free_port()
-    env = {
-        **os.environ,
-        "SENSORCAST_HOST": "127.0.0.1",
-        "SENSORCAST_PORT": str(port),
-        "SENSORCAST_WORKERS": "1",
-        "SENSORCAST_BACKEND": redis.url,
-        "SENSORCAST_LOG_LEVEL": "warning",
-    }
-    api = spawn(tmp_path / "api.log", [sys.executable, "-m", "app", "serve"], env)
-    worker = None
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert api.poll() is None, (tmp_path / "api.log").read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "never alive"
-                await asyncio.sleep(0.1)
-            assert (await client.get("/readyz")).status_code == 503
-            with pytest.raises(InvalidStatus) as refused:
-                async with connect(f"ws://127.0.0.1:{port}/v1/ws/predictions"):
-                    pass
-            assert refused.value.response.status_code == 503
-            redis.start()
-            worker = start_worker(tmp_path, {"SENSORCAST_BACKEND": redis.url})
-            await wait_ready(client, timeout_s=60)
-            async with connect(f"ws://127.0.0.1:{port}/v1/ws/predictions") as ws:
-                await receive_json(ws)
-                r = await client.post("/v1/readings", json={"sensor_id": "late", "value": 1})
-                assert r.status_code == 202
-                assert len(await collect(ws, 1)) == 1
-        assert api.poll() is None
-    finally:
-        stop_process(api)
-        if worker is not None:
-            stop_process(worker)
-        redis.stop()

@@ -18,9 +18,9 @@ async def healthz() -> dict[str, str]:
 
 async def readiness(pipeline: Ingest, hub: PredictionHub) -> dict[str, bool]:
     """The checks behind ``/readyz`` (and the ``sensorcast_ready`` gauge): ready when all hold."""
-    # Listening: the hub receives predictions (it keeps trying while Redis is not up yet).
-    backend = hub.listening and await hub.backend.ping()
-    return {**(await pipeline.checks() if backend else {}), "backend": backend}
+    backend = await hub.backend.ping()
+    checks = await pipeline.checks() if backend else {}
+    return {**checks, "backend": backend, "stream": hub.listening}
 
 
 @router.get("/readyz", summary="Ready for work: the pool and backend can take readings")

@@ -149,8 +149,9 @@ async def predictions(websocket: WebSocket, hub: WsHubDep) -> None:
         return
     if not hub.listening:
         await _deny(
-            websocket, 503, "not ready: the backend does not answer yet", {"Retry-After": "2"}
-        )
+            websocket, 503, "the prediction stream is not reachable yet; retry later",
+            {"Retry-After": "1"},
+        )  # fmt: skip
         return
     edge: Edge = websocket.app.state.edge
     owner = None if guard_of(websocket.app).open else key_id(websocket_key(websocket))

@@ -38,8 +38,9 @@ class AlarmOptions(NamedTuple):
     hold_score: float = 0.2
     """While raised, a reading scoring at least this is still abnormal (hysteresis; a flag is
     a score above 0.5 for the default model)."""
-    flap_window: int = 60
-    """Readings after a clear within which a new alarm reopens the same episode."""
+    flap_window: int = 288
+    """Readings after a clear within which a new alarm reopens the same episode (288: a day
+    of 5-minute readings)."""
     max_readings: int = 720
     """Readings an alarm may stay raised before its state is declared the new normal (0:
     never)."""

@@ -9,6 +9,14 @@ Forecast
     dot product with the last ``WINDOW`` values: no scikit-learn call on the hot path, and a
     model fitted at one level keeps working after a level shift or along a trend.
 
+    On a series like a random walk the ridge forecast loses to the last value (persistence),
+    so the published forecast is a blend of the two, ``last + w·(ridge − last)``. Each channel
+    keeps a faded mean absolute error (``err += (|e| − err) / BLEND_FADE``) of each candidate
+    ``w`` in ``BLEND_WEIGHTS``, updated by every in-order reading from the candidates published
+    after the reading before; the forecast uses the ``w`` with the least (the larger ``w`` on
+    a tie, so the ridge forecast until the errors say otherwise). The detectors judge the
+    residual of the ridge forecast itself, whose scale the fit measured.
+
 Anomaly score
     A reading is judged against what the model expected of it, given its own ``ts``. Each
     channel gives a robust z-score: the residual divided by the median absolute deviation of
@@ -119,6 +127,12 @@ BASELINE_K = 3.0
 from that level for the channel to judge whether the fault lasts."""
 MIN_NEW_READINGS = 16
 """Readings needed since the last refit before a time- or drift-triggered refit."""
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Weights ``w`` of the ridge forecast against the last value, ``last + w·(ridge − last)``,
+among which each channel's published forecast is chosen (0: persistence, 1: the ridge)."""
+BLEND_FADE = 128.0
+"""Readings over which the candidates' absolute errors are averaged (exponentially faded)."""
+_FADE_RATE = 1.0 / BLEND_FADE
 
 
 class Linear(NamedTuple):
@@ -505,6 +519,14 @@ class RidgeForecaster:
         """A new normal was declared: refit at once, on everything in the window."""
         self._level_mute = 0
         """Readings left before the level detector speaks again, after an alarm."""
+        self._last_row: list[float] = [math.nan] * c
+        """The latest in-order reading as it came (the window may hold its forecast instead)."""
+        self._ridge_next: list[float] = [math.nan] * c
+        """The ridge forecast of each channel published after the latest in-order reading."""
+        self._blend_error = [[0.0] * len(BLEND_WEIGHTS) for _ in range(c)]
+        """Per channel, the faded mean absolute error of each candidate of ``BLEND_WEIGHTS``."""
+        self._blend_w = [BLEND_WEIGHTS[-1]] * c
+        """Per channel, the weight of the candidate with the least error (see ``_blend``)."""
         self._alarm = AlarmTracker(sensor_id, options.alarms)
         self.fit_seconds: list[float] = []
         """Durations of the fits since the service last read them (for metrics)."""
@@ -533,6 +555,7 @@ class RidgeForecaster:
             if fit is None:
                 if in_order:
                     self._take(t, row, False)
+                    self._last_row = row
                     self._maybe_refit(t)
                 forecasts.append(nan_row)
                 scores.append(math.nan)
@@ -577,11 +600,12 @@ class RidgeForecaster:
                     else None
                 )
                 self._take(t, clean, flagged or self._alarm.active)
+                self._last_row = row
                 if event is not None:
                     alarms.append((len(scores), event))
                     self._alarm_changed(event)
                 self._maybe_refit(t)
-            forecasts.append(self._forecast(self._fit or fit))
+            forecasts.append(self._forecast(self._fit or fit, in_order))
             scores.append(score)
             flags.append(flagged)
             explanations.append(explanation)
@@ -649,6 +673,7 @@ class RidgeForecaster:
                 if r > 1.0:
                     found.append((self.channels[o], "spike", r))
             else:
+                self._blend(o, y)
                 # Drift of the one-step residuals (CUSUM): asks for an early refit.
                 zc = Z_CLIP if z > Z_CLIP else -Z_CLIP if z < -Z_CLIP else z
                 up = self._cusum_up[o] + zc - CUSUM_K
@@ -857,13 +882,42 @@ class RidgeForecaster:
             step = fit.channels[o].step
             self._lag_part[o] = step.intercept + sum(map(mul, step.weights, tail[-WINDOW:]))
 
-    def _forecast(self, fit: Fitted) -> list[float]:
+    def _blend(self, o: int, y: float) -> None:
+        """Score channel ``o``'s candidate forecasts against its in-order reading ``y`` (before
+        the reading enters the tail) and choose the weight of the next forecast."""
+        ridge = self._ridge_next[o]
+        last = self._last_row[o]
+        if ridge != ridge or last != last:  # NaN: no forecast published yet
+            return
+        step = ridge - last
+        miss = y - last
+        errors = self._blend_error[o]
+        best, best_w = math.inf, BLEND_WEIGHTS[-1]
+        for k, w in enumerate(BLEND_WEIGHTS):
+            e = miss - w * step
+            err = errors[k]
+            err += ((e if e >= 0.0 else -e) - err) * _FADE_RATE
+            errors[k] = err
+            if err <= best:  # ties go to the larger weight
+                best, best_w = err, w
+        self._blend_w[o] = best_w
+
+    def _forecast(self, fit: Fitted, in_order: bool = True) -> list[float]:
+        """The published forecast: per channel, the blend of the ridge forecast and the last
+        value that has done best lately. Depends only on the in-order readings, so a late
+        reading gets the current forecast; only an in-order one's become the candidates the
+        next reading scores (a late reading may come before any in-order one has had one)."""
         t = OMEGA * (self._last_ts + fit.interval_s)
         sin_t, cos_t = math.sin(t), math.cos(t)
-        return [
-            self._lag_part[o] + ch.step.w_sin * sin_t + ch.step.w_cos * cos_t
-            for o, ch in enumerate(fit.channels)
-        ]
+        out: list[float] = []
+        for o, ch in enumerate(fit.channels):
+            ridge = self._lag_part[o] + ch.step.w_sin * sin_t + ch.step.w_cos * cos_t
+            if in_order:
+                self._ridge_next[o] = ridge
+            w = self._blend_w[o]
+            last = self._last_row[o]
+            out.append(ridge if w == 1.0 or last != last else last + w * (ridge - last))
+        return out
 
 
 def _shares(found: list[tuple[str, str, float]]) -> Explanation:

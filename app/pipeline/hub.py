@@ -92,9 +92,19 @@ class SensorFilter:
         return [m for m in messages if self.wants(m)]
 
 
+MESSAGE_OVERHEAD = 224
+"""Bytes a kept message takes besides its frame's text: the ``Message`` struct, the string's
+header, its ``seq`` and running total, and its slots in the history's lists (measured with
+tracemalloc; ``tests/test_hub.py`` checks the bound holds)."""
+
+
+_GONE = Message(0, "", "", False, "")
+"""Stands in the history's list for a message that fell out, until the list is compacted."""
+
+
 class History:
-    """Recent messages in ``seq`` order, bounded by count, by the size of their frames and
-    by age.
+    """Recent messages in ``seq`` order, bounded by count, by the memory they take (their
+    frames plus :data:`MESSAGE_OVERHEAD` each) and by age.
 
     Parallel lists with a moving head rather than a deque, so that :meth:`after` finds a
     resume point by bisection, and so does the size bound (on running totals of the frames'
@@ -106,7 +116,7 @@ class History:
         >>> h.extend([Message(s, "prediction", "a", False, str(s)) for s in range(1, 6)], now=0)
         >>> h.oldest_seq, [m.seq for m in h.after(3)], len(h)
         (3, [4, 5], 3)
-        >>> h = History(max_frames=10, max_age_s=60, max_bytes=5)
+        >>> h = History(max_frames=10, max_age_s=60, max_bytes=2 * (MESSAGE_OVERHEAD + 2))
         >>> h.extend([Message(s, "prediction", "a", False, "ab") for s in range(1, 6)], now=0)
         >>> [m.seq for m in h.after(0)]
         [4, 5]
@@ -137,7 +147,8 @@ class History:
         self._messages.extend(messages)
         self._times.extend([now] * len(messages))
         ends = self._ends
-        ends.extend(accumulate([len(m.frame) for m in messages], initial=self._before(len(ends))))
+        sizes = [len(m.frame) + MESSAGE_OVERHEAD for m in messages]
+        ends.extend(accumulate(sizes, initial=self._before(len(ends))))
         del ends[-len(messages) - 1]  # accumulate's initial value
         self.trim(now)
 
@@ -157,6 +168,9 @@ class History:
         times = self._times
         if head < len(times) and times[head] < horizon:
             head = bisect_right(times, horizon, lo=head)
+        if head > self._head:
+            # What falls out goes now, not at the next compaction: only the slots stay.
+            self._messages[self._head : head] = [_GONE] * (head - self._head)
         self._head = head
         if head > 1024 and head * 4 > len(self._seqs):
             self._base = ends[head - 1]
@@ -323,7 +337,7 @@ class PredictionHub:
     Args:
         backend: Where messages come from (``subscribe(CHANNEL)``) and the epoch is read.
         history_max_frames: Messages kept for resumes.
-        history_max_bytes: Size of their frames kept for resumes.
+        history_max_bytes: Memory the messages kept for resumes may take.
         history_max_age_s: How long a message is kept for resumes.
         subscriber_queue_frames: Each subscriber's queue bound.
         policy: What happens to a subscriber whose queue is full.
@@ -369,24 +383,23 @@ class PredictionHub:
         self._dropped_gone = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
-        self._tried = asyncio.Event()
+        self._attempted = asyncio.Event()
         self._changed = asyncio.Event()
 
+    @property
+    def listening(self) -> bool:
+        """Connected to the backend's stream, the epoch known and the history loaded."""
+        return self._listening.is_set()
+
     async def start(self) -> None:
-        """Start listening; returns once the kept history is loaded, or once the backend
-        failed to answer a first time (Redis starting beside this process): the hub then
-        keeps trying, and :attr:`listening` stays False until it succeeds."""
+        """Start listening; return once connected, or after the first failed attempt (a
+        backend that is down at start, Redis say, is retried until it answers)."""
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._listen(), name="hub-listen"),
                 asyncio.create_task(self._reap(), name="hub-reap"),
             ]
-            await self._tried.wait()
-
-    @property
-    def listening(self) -> bool:
-        """Whether the hub receives what is published (and has loaded the kept history)."""
-        return self._listening.is_set()
+            await self._attempted.wait()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -422,49 +435,52 @@ class PredictionHub:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def _listen(self) -> None:
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> AsyncIterator[Numbered]:
+        """Read the epoch, subscribe and load what the backend kept, retrying with backoff
+        until the backend answers; the subscription is left open on ``stack``."""
         delay = 0.1
         while True:
             try:
-                self.epoch = await self.backend.epoch()
-                async with self.backend.subscribe(CHANNEL) as payloads:
+                async with contextlib.AsyncExitStack() as attempt:
+                    epoch = await self.backend.epoch()
+                    payloads = await attempt.enter_async_context(self.backend.subscribe(CHANNEL))
                     # What the backend kept (Redis) fills the history, so resumes work on a
                     # replica that has just started.
                     kept = await self.backend.recent(CHANNEL, self.history.max_frames)
-                    for first, payload in kept:
-                        self.dispatch(decode_batch(first, payload, self.epoch))
-                    self._listening.set()
-                    self._tried.set()
-                    await self._follow(payloads)
-                return
-            except Exception as exc:
-                # Only until the first success: from then on the backend's subscription
-                # retries by itself, and anything else is a bug to surface.
-                if self._listening.is_set():
-                    raise
-                self._tried.set()
+                    stack.push_async_exit(attempt.pop_all())
+                    break
+            except Exception as exc:  # whatever the backend raises while it is unreachable
+                self._attempted.set()
                 log.warning("backend not reachable (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        self.epoch = epoch
+        for first, payload in kept:
+            self.dispatch(decode_batch(first, payload, epoch))
+        self._listening.set()
+        self._attempted.set()
+        return payloads
 
-    async def _follow(self, payloads: AsyncIterator[Numbered]) -> None:
-        async for first, payload in payloads:
-            if first == 0:
-                epoch, _, from_seq = payload.decode().partition(" ")
-                self.renumber(epoch, int(from_seq))
-                continue
-            try:
-                bodies = unpack_batch(payload)
-            except Exception:
-                log.exception("dropping a malformed message batch")
-                continue
-            # A batch of thousands is numbered and dispatched in slices, each under a
-            # turn, so no single step holds the loop for long. A subscriber that registers
-            # between two slices gets the first in its replay and the rest live.
-            for start in range(0, len(bodies), DISPATCH_SLICE):
-                async with turn():
-                    chunk = bodies[start : start + DISPATCH_SLICE]
-                    self.dispatch(frames(first + start, chunk, self.epoch))
+    async def _listen(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            payloads = await self._connect(stack)
+            async for first, payload in payloads:
+                if first == 0:
+                    epoch, _, from_seq = payload.decode().partition(" ")
+                    self.renumber(epoch, int(from_seq))
+                    continue
+                try:
+                    bodies = unpack_batch(payload)
+                except Exception:
+                    log.exception("dropping a malformed message batch")
+                    continue
+                # A batch of thousands is numbered and dispatched in slices, each under a
+                # turn, so no single step holds the loop for long. A subscriber that registers
+                # between two slices gets the first in its replay and the rest live.
+                for start in range(0, len(bodies), DISPATCH_SLICE):
+                    async with turn():
+                        chunk = bodies[start : start + DISPATCH_SLICE]
+                        self.dispatch(frames(first + start, chunk, self.epoch))
 
     async def _reap(self) -> None:
         # A peer that takes no bytes at all cannot be reached by a close frame either;
