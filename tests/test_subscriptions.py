@@ -406,19 +406,18 @@ async def test_heartbeat_reaps_a_peer_that_never_answers_pings(server_factory) -
 
 
 async def test_a_stalled_socket_is_dropped(server_factory) -> None:
-    """A peer whose socket takes no bytes at all is dropped from the fan-out after the ping
-    interval plus timeout, even though no close frame can reach it."""
-    srv: Server = server_factory(ws_ping_interval_s="0.5", ws_ping_timeout_s="0.5")
+    """A peer whose socket takes no bytes at all is dropped from the fan-out after
+    ws_stall_timeout_s (well before any heartbeat), even though no close frame can reach it."""
+    srv: Server = server_factory(ws_stall_timeout_s="0.5")
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
         slow = await RawClient.connect(srv.port, PATH, rcvbuf=4096)
         try:
             # More than the kernel's socket buffers take, so the server's own buffer fills.
             await post_all(http, readings("stall", 20_000, sensors=5))
-            # Dropped by the hub's reaper or, once the heartbeat closed it, by the socket's
-            # abort, whichever comes first.
             for _ in range(100):
                 metrics = (await http.get("/metrics")).text
                 if "\nsensorcast_subscribers 0.0\n" in metrics:
+                    assert "\nsensorcast_stalled_disconnects_total 1.0\n" in metrics
                     break
                 await asyncio.sleep(0.1)
             else:
