@@ -31,7 +31,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httptools
@@ -445,19 +445,29 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
-            scope["extensions"][FRAMES_EXTENSION] = {"write": self.write_frames}
+            scope["extensions"][FRAMES_EXTENSION] = {
+                "write": self.write_frames,
+                "write_now": self.write_frames_now,
+            }
 
     async def write_frames(self, data: bytes) -> bool:
-        """Write whole server frames encoded by :func:`text_frames`, once the transport has
-        room: the relay's fast path, one write for many frames and no per-frame ASGI call.
+        """Write whole server frames encoded by :func:`app.pipeline.wire.text_frames`, once
+        the transport has room: the relay's fast path, one write for many frames and no
+        per-frame ASGI call.
 
         Returns False, having written nothing, when the frames cannot go this way (an
         extension such as permessage-deflate was negotiated, or the connection is closing):
         the caller sends them as ASGI messages instead, which says what went wrong.
         """
         await self.writable.wait()
+        return self.write_frames_now(data)
+
+    def write_frames_now(self, data: bytes) -> bool:
+        """:meth:`write_frames` without waiting: False (nothing written) when the transport
+        has no room now, as ``websockets``' ``broadcast()`` skips a paused connection."""
         if (
-            self.disconnected
+            not self.writable.is_set()
+            or self.disconnected
             or self.close_sent
             or not self.handshake_complete
             or self.initial_response is not None
@@ -487,30 +497,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             await super().run_asgi()
         finally:
             self._abort_later()
-
-
-def text_frames(texts: Iterable[str]) -> bytes:
-    """WebSocket text frames, unmasked and unfragmented as a server sends them, end to end.
-
-    Examples:
-        >>> text_frames(["hi", "x" * 200])[:4], len(text_frames(["x" * 70_000]))
-        (b'\\x81\\x02hi', 70010)
-    """
-    out = bytearray()
-    for text in texts:
-        data = text.encode()
-        size = len(data)
-        if size < 126:
-            out += _HEADS[size]
-        elif size < 65536:
-            out += b"\x81\x7e" + size.to_bytes(2, "big")
-        else:
-            out += b"\x81\x7f" + size.to_bytes(8, "big")
-        out += data
-    return bytes(out)
-
-
-_HEADS = [bytes((0x81, n)) for n in range(126)]
 
 
 def _limit_unsent(transport: asyncio.BaseTransport, limit: int) -> None:

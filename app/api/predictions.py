@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,10 @@ from starlette.websockets import WebSocketDisconnect
 from app.access import Scope
 from app.api.auth import guard_of, key_id, websocket_denial, websocket_key
 from app.api.deps import WsHubDep
-from app.edge import FRAMES_EXTENSION, Edge, text_frames
+from app.edge import FRAMES_EXTENSION, Edge
 from app.metrics import Metrics
 from app.pipeline.hub import SNAPSHOT_SLICE, PredictionHub, SensorFilter, Subscriber
-from app.pipeline.wire import Message
+from app.pipeline.wire import Message, client_frames, text_frames
 from app.schemas import SENSOR_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 
-BATCH_MAX_ITEMS = 500
-"""Predictions per ``predictions`` frame: bounds a frame to a few hundred KiB."""
 WRITE_BYTES = 64 * 1024
 """Frames written to the socket at once by the relay's fast path (about, in characters)."""
 
@@ -210,6 +208,7 @@ class Connection:
         self._write_frames: Callable[[bytes], Awaitable[bool]] | None = (
             frames["write"] if frames else None
         )
+        self._write_now: Callable[[bytes], bool] | None = frames["write_now"] if frames else None
         self.sub: Subscriber | None = None
         self._last_seq = query.since or 0
         """The seq of the last message sent: where this client may resume."""
@@ -241,7 +240,7 @@ class Connection:
         time (:data:`WRITE_BYTES`); elsewhere, or with an extension such as
         permessage-deflate, each is one ASGI message.
         """
-        frames = self._frames(messages)
+        frames = client_frames(messages, self.query.batch)
         write = self._write_frames
         pending: list[tuple[str, int]] = []
         while write is not None:
@@ -266,32 +265,20 @@ class Connection:
             await send({"type": "websocket.send", "text": text})
             self._last_seq = seq
 
-    def _frames(self, messages: list[Message]) -> Iterator[tuple[str, int]]:
-        """The frames to send for ``messages``, each with the seq of its last message."""
-        if not self.query.batch:
-            for m in messages:
-                yield m.frame, m.seq
-            return
-        run: list[str] = []
-        run_last = 0
-        for m in messages:
-            if m.kind == "prediction":
-                run.append(m.frame)
-                run_last = m.seq
-                if len(run) < BATCH_MAX_ITEMS:
-                    continue
-            if run:
-                yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
-                run = []
-            if m.kind != "prediction":
-                yield m.frame, m.seq
-        if run:
-            yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
+    def _direct(self, data: bytes, last_seq: int) -> bool:
+        """The hub's direct write while the relay is idle (see :attr:`Subscriber.direct`)."""
+        write_now = self._write_now
+        if write_now is not None and write_now(data):
+            self._last_seq = last_seq
+            return True
+        return False
 
     async def run(self) -> None:
         """Serve the connection until the peer goes, the server closes, or the socket stalls."""
         hub, query = self.hub, self.query
-        subscription = hub.subscribe(query.filter, query.since, query.epoch, query.snapshot)
+        subscription = hub.subscribe(
+            query.filter, query.since, query.epoch, query.snapshot, query.batch
+        )
         sub = self.sub = subscription.subscriber
         hello = _dumps({"type": "hello", "epoch": hub.epoch, "seq": hub.latest_seq})
         relay = asyncio.create_task(
@@ -371,7 +358,10 @@ class Connection:
         wake = sub.wake
         while True:
             sub.busy_since = None
+            if not wake.is_set() and self._write_frames is not None:
+                sub.direct = self._direct
             await wake.wait()
+            sub.direct = None
             # From here until the next wait, a socket that takes nothing for the stall
             # timeout gets reaped (each frame it takes starts the clock again).
             sub.busy_since = time.monotonic()

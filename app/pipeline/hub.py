@@ -26,7 +26,15 @@ from typing import Any
 from app.backends.base import Backend
 from app.config import SlowClientPolicy
 from app.pipeline.alarm_book import AlarmBook
-from app.pipeline.wire import CHANNEL, Message, decode_batch, frames, unpack_batch
+from app.pipeline.wire import (
+    CHANNEL,
+    Message,
+    client_frames,
+    decode_batch,
+    frames,
+    text_frames,
+    unpack_batch,
+)
 from app.turns import turn
 
 log = logging.getLogger(__name__)
@@ -187,14 +195,23 @@ class Subscriber:
     """
 
     __slots__ = (
-        "filter", "max_frames", "policy", "queue", "head", "queued", "latest", "floor",
-        "dropped", "dropped_total", "overflowed", "wake", "busy_since", "on_stall",
+        "filter", "max_frames", "policy", "batch", "queue", "head", "queued", "latest",
+        "floor", "dropped", "dropped_total", "overflowed", "wake", "busy_since", "on_stall",
+        "direct",
     )  # fmt: skip
 
-    def __init__(self, filter: SensorFilter, max_frames: int, policy: SlowClientPolicy) -> None:
+    def __init__(
+        self,
+        filter: SensorFilter,
+        max_frames: int,
+        policy: SlowClientPolicy,
+        batch: bool = False,
+    ) -> None:
         self.filter = filter
         self.max_frames = max_frames
         self.policy = policy
+        self.batch = batch
+        """The client takes ``predictions`` frames (see :func:`client_frames`)."""
         self.queue: deque[list[Message]] = deque()
         """Batches in ``seq`` order; the first one from index :attr:`head` on."""
         self.head = 0
@@ -214,9 +231,16 @@ class Subscriber:
         """Set by the relay while it has frames to send, to when the socket last took one:
         the hub reaps a subscriber whose socket took nothing for its stall timeout."""
         self.on_stall: Callable[[], object] | None = None
+        self.direct: Callable[[bytes, int], bool] | None = None
+        """Set by the relay while it is idle (nothing queued) and its socket can take
+        encoded frames: the hub writes ``(frames, last seq)`` through it at once, skipping the
+        queue and the relay's wake-up; False means no room now, and the batch is queued."""
 
     def push_many(self, messages: list[Message]) -> None:
         """Queue a batch (kept as it is: the caller never changes it afterwards)."""
+        # Once anything is queued, nothing may overtake it: no direct writes until the
+        # relay has sent the queue and is idle again.
+        self.direct = None
         if not messages or self.overflowed:
             return
         if messages[0].seq <= self.floor:
@@ -521,15 +545,29 @@ class PredictionHub:
         self.history.extend(messages, now)
         self.latest_seq = max(self.latest_seq, messages[-1].seq)
         self._changed.set()
+        # As websockets' broadcast(): a subscriber whose relay is idle and whose socket has
+        # room gets the frames written at once, encoded once per filter and frame kind;
+        # the others get the batch queued and their relay woken.
         selected: dict[tuple[tuple[str, ...], bool], list[Message]] = {}
+        encoded: dict[tuple[tuple[tuple[str, ...], bool], bool], bytes] = {}
         for sub in self.subscribers:
             f = sub.filter
             if f.everything and not f.anomalies_only:
-                sub.push_many(messages)
-                continue
-            chosen = selected.get(f.key)
-            if chosen is None:
-                chosen = selected[f.key] = f.select(messages)
+                chosen = messages
+            else:
+                found = selected.get(f.key)
+                if found is None:
+                    found = selected[f.key] = f.select(messages)
+                chosen = found
+            direct = sub.direct
+            if direct is not None and chosen and chosen[0].seq > sub.floor:
+                key = (f.key, sub.batch)
+                data = encoded.get(key)
+                if data is None:
+                    texts = [text for text, _ in client_frames(chosen, sub.batch)]
+                    data = encoded[key] = text_frames(texts)
+                if direct(data, chosen[-1].seq):
+                    continue
             sub.push_many(chosen)
 
     def subscribe(
@@ -538,6 +576,7 @@ class PredictionHub:
         since: int | None = None,
         epoch: str | None = None,
         snapshot: bool = False,
+        batch: bool = False,
     ) -> Subscription:
         """Register a subscriber with what it is owed before its live stream.
 
@@ -552,8 +591,9 @@ class PredictionHub:
                 gap frame says so and every kept message of the current epoch is replayed.
             snapshot: Also return the latest prediction of each matching sensor, and the
                 active alarms of those sensors.
+            batch: The client takes ``predictions`` frames.
         """
-        sub = Subscriber(filter, self.subscriber_queue_frames, self.policy)
+        sub = Subscriber(filter, self.subscriber_queue_frames, self.policy, batch)
         self.subscribers.add(sub)
         self.history.trim(time.monotonic())
         frames = self.sensor_ids() if snapshot else []
