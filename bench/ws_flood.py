@@ -100,6 +100,7 @@ async def flood(svc: Server, sockets: int, rate: float, duration_s: float) -> di
         statuses[status] = statuses.get(status, 0) + 1
         writers.append(writer)
     start = time.time() + 1.0
+    print(f"window from {start:.1f} (epoch s)", flush=True)
     end = start + duration_s
     window = ("--start", str(start), "--end", str(end))
     prober = _spawn("bench._prober", svc.url + "/healthz", *window)

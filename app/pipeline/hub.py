@@ -48,6 +48,8 @@ SENSOR_PAGE_MAX = 1000
 
 RECENT_PER_SENSOR = 20
 REAP_LOG_INTERVAL_S = 10.0
+REAP_SLICE = 64
+"""Stalled subscribers closed between two yields to the event loop."""
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -503,13 +505,23 @@ class PredictionHub:
             await asyncio.sleep(period)
             now = time.monotonic()
             horizon = now - self.stall_timeout_s
-            for sub in list(self.subscribers):
-                since = sub.busy_since
-                if since is not None and since < horizon and sub.on_stall is not None:
-                    self.reaped += 1
-                    unlogged += 1
-                    sub.on_stall()
-                    self.unsubscribe(sub)
+            stalled = [
+                sub
+                for sub in self.subscribers
+                if sub.busy_since is not None and sub.busy_since < horizon and sub.on_stall
+            ]
+            # Closing a connection takes a few task steps: hundreds at once (a flood of
+            # silent sockets, all filled by the same batch) would hold the loop together.
+            for start in range(0, len(stalled), REAP_SLICE):
+                async with turn():
+                    for sub in stalled[start : start + REAP_SLICE]:
+                        if sub in self.subscribers and sub.on_stall is not None:
+                            self.reaped += 1
+                            unlogged += 1
+                            sub.on_stall()
+                            self.unsubscribe(sub)
+                if start + REAP_SLICE < len(stalled):
+                    await asyncio.sleep(0)  # let the closes of this slice run first
             if unlogged and now >= next_log:
                 log.warning(
                     "closed %d subscribers (1013) whose socket took nothing for %g s",
