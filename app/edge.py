@@ -55,8 +55,6 @@ LINGER_S = 1.0
 FRAMES_EXTENSION = "sensorcast.websocket.frames"
 """The ASGI scope extension through which a relay writes pre-encoded frames (see
 :meth:`GuardedWebSocketProtocol.write_frames`); absent under another server."""
-STALLED_CLOSE_GRACE_S = 1.0
-"""After a close sent to a peer that takes nothing, how long before its socket is aborted."""
 CLOSE_GRACE_S = 10.0
 """After a WebSocket close, how long a peer has to take the close frame before the socket is
 aborted (the ping timeout when one is set)."""
@@ -406,7 +404,8 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
       after a few dozen KiB rather than after the megabytes that the kernel's send-buffer
       autotuning would take, each of them one frame encoded and written.
     - A close sent while the peer takes nothing goes behind what is buffered without
-      waiting for room, and the socket is aborted :data:`STALLED_CLOSE_GRACE_S` later.
+      waiting for room, and the socket is aborted ``ws_stall_timeout_s`` later (the peer has
+      as long again to take it).
     - A closed socket whose peer never took the close is aborted a ping timeout after it
       was closed (a plain close waits for the send buffer to drain, which such a peer never
       lets happen).
@@ -488,7 +487,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             finally:
                 if not self.disconnected:
                     self.writable.clear()
-            self._abort_later(STALLED_CLOSE_GRACE_S)
+            self._abort_later(self.edge.settings.ws_stall_timeout_s if self.edge else None)
             return
         await super().send(message)
 

@@ -99,6 +99,11 @@ class RawClient:
         assert isinstance(transport, asyncio.ReadTransport)
         transport.pause_reading()
 
+    def resume_reading(self) -> None:
+        transport = self.writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.resume_reading()
+
     def close(self) -> None:
         self.writer.transport.abort()
 
