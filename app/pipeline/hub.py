@@ -1,10 +1,12 @@
 """The prediction hub: history, per-sensor summaries and fan-out to WebSocket subscribers.
 
 The hub reads the backend's ``predictions`` channel (so every API replica sees every message),
-keeps a bounded history indexed by ``seq`` for resumes, and pushes each message into the
-bounded queue of every subscriber whose filter matches. It never awaits a subscriber: a
-slow client only ever fills its own queue, and the configured policy decides what it loses.
-Frames are the publisher's encoded text; the hub hands the same string to every subscriber.
+keeps a bounded history indexed by ``seq`` for resumes, and passes each batch to every
+subscriber whose filter matches: written at once to an idle subscriber whose socket has room
+(encoded once for all of them, as ``websockets``' ``broadcast()`` does), else queued in its
+bounded queue for its relay. It never awaits a subscriber: a slow client only ever fills its
+own queue, and the configured policy decides what it loses. Frames are the publisher's
+encoded text; the hub hands the same string to every subscriber.
 """
 
 from __future__ import annotations
