@@ -197,6 +197,12 @@ class Settings(BaseSettings):
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.drop_oldest
     ws_ping_interval_s: float = Field(20.0, gt=0)
     ws_ping_timeout_s: float = Field(20.0, gt=0)
+    ws_stall_timeout_s: float = Field(5.0, gt=0)
+    """A subscriber whose socket takes nothing for this long (its send buffers full) is
+    closed with 1013 and the ``since`` to resume from, and its socket aborted soon after."""
+    ws_send_buffer_bytes: int = Field(32 * 1024, ge=4096)
+    """Bytes a subscriber's socket may hold unsent, in the kernel (``TCP_NOTSENT_LOWAT``)
+    and in the service's transport each: what a peer that reads nothing costs to fill."""
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
 
     # Access

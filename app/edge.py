@@ -28,6 +28,8 @@ import asyncio
 import json
 import logging
 import resource
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -50,6 +52,9 @@ MAX_CONNECTIONS_DEFAULT = 4096
 MAX_SUBSCRIBERS_DEFAULT = 2000
 LINGER_S = 1.0
 """After refusing a request, how long its connection's input is read and discarded."""
+FRAMES_EXTENSION = "sensorcast.websocket.frames"
+"""The ASGI scope extension through which a relay writes pre-encoded frames (see
+:meth:`GuardedWebSocketProtocol.write_frames`); absent under another server."""
 CLOSE_GRACE_S = 10.0
 """After a WebSocket close, how long a peer has to take the close frame before the socket is
 aborted (the ping timeout when one is set)."""
@@ -192,6 +197,7 @@ class Edge:
             pass
 
         Http.edge = edge
+        WebSocket.edge = edge
         return Http, WebSocket
 
 
@@ -390,15 +396,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, whose socket is aborted a ping timeout after it was
-    closed if the peer never took the close (a peer that reads nothing would otherwise
-    hold it for ever: a plain close waits for the send buffer to drain)."""
+    """uvicorn's WebSocket protocol with bounded send buffers and a bounded close.
 
+    - The kernel holds at most ``ws_send_buffer_bytes`` unsent (``TCP_NOTSENT_LOWAT``; bytes
+      sent and awaiting their acknowledgement are not counted, so a fast peer far away keeps
+      its throughput) and so does the transport: a peer that reads nothing pauses its relay
+      after a few dozen KiB rather than after the megabytes that the kernel's send-buffer
+      autotuning would take, each of them one frame encoded and written.
+    - A close sent while the peer takes nothing goes behind what is buffered without
+      waiting for room, and the socket is aborted ``ws_stall_timeout_s`` later (the peer has
+      as long again to take it).
+    - A closed socket whose peer never took the close is aborted a ping timeout after it
+      was closed (a plain close waits for the send buffer to drain, which such a peer never
+      lets happen).
+    """
+
+    edge: ClassVar[Edge | None] = None
     _abort_timer: asyncio.TimerHandle | None = None
 
-    def _abort_later(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.edge is not None:
+            limit = self.edge.settings.ws_send_buffer_bytes
+            _limit_unsent(self.transport, limit)
+            self.transport.set_write_buffer_limits(high=limit)
+
+    def _abort_later(self, grace_s: float | None = None) -> None:
         if self._abort_timer is None and not self.disconnected:
-            grace_s = self.config.ws_ping_timeout or CLOSE_GRACE_S
+            if grace_s is None:
+                grace_s = self.config.ws_ping_timeout or CLOSE_GRACE_S
             self._abort_timer = self.loop.call_later(grace_s, self._abort)
 
     def _abort(self) -> None:
@@ -414,8 +440,71 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().keepalive_timeout()
         self._abort_later()
 
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][FRAMES_EXTENSION] = {
+                "write": self.write_frames,
+                "write_now": self.write_frames_now,
+            }
+
+    async def write_frames(self, data: bytes) -> bool:
+        """Write whole server frames encoded by :func:`app.pipeline.wire.text_frames`, once
+        the transport has room: the relay's fast path, one write for many frames and no
+        per-frame ASGI call.
+
+        Returns False, having written nothing, when the frames cannot go this way (an
+        extension such as permessage-deflate was negotiated, or the connection is closing):
+        the caller sends them as ASGI messages instead, which says what went wrong.
+        """
+        await self.writable.wait()
+        return self.write_frames_now(data)
+
+    def write_frames_now(self, data: bytes) -> bool:
+        """:meth:`write_frames` without waiting: False (nothing written) when the transport
+        has no room now, as ``websockets``' ``broadcast()`` skips a paused connection."""
+        if (
+            not self.writable.is_set()
+            or self.disconnected
+            or self.close_sent
+            or not self.handshake_complete
+            or self.initial_response is not None
+            or self.conn.extensions
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(data)
+        return True
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.close" and not self.writable.is_set():
+            # The peer takes nothing: waiting for room would wait for ever. The close frame
+            # is queued behind the data (which a peer that reads again gets first).
+            self.writable.set()
+            try:
+                await super().send(message)
+            finally:
+                if not self.disconnected:
+                    self.writable.clear()
+            self._abort_later(self.edge.settings.ws_stall_timeout_s if self.edge else None)
+            return
+        await super().send(message)
+
     async def run_asgi(self) -> None:
         try:
             await super().run_asgi()
         finally:
             self._abort_later()
+
+
+def _limit_unsent(transport: asyncio.BaseTransport, limit: int) -> None:
+    """Bound the bytes the kernel holds unsent for ``transport``'s TCP socket (Linux, macOS)."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
+    sock = transport.get_extra_info("socket")
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, limit)
+    except OSError as exc:  # an older kernel: the transport's own bound still holds
+        log.debug("cannot set TCP_NOTSENT_LOWAT: %s", exc)

@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 history_max_age_s=settings.history_max_age_s,
                 subscriber_queue_frames=settings.subscriber_queue_frames,
                 policy=settings.slow_client_policy,
-                stall_timeout_s=settings.ws_ping_interval_s + settings.ws_ping_timeout_s,
+                stall_timeout_s=settings.ws_stall_timeout_s,
             )
             await stack.enter_async_context(hub)
             # Embedded: the model stage runs here. API replica on Redis: readings go to

@@ -537,6 +537,11 @@ class _PipelineCollector(Collector):
             "Subscribers closed with 1013 for falling behind (policy disconnect).",
             hub.slow_disconnects,
         )
+        yield _counter(
+            "stalled_disconnects",
+            "Subscribers closed with 1013 whose socket took nothing for ws_stall_timeout_s.",
+            hub.reaped,
+        )
         yield _gauge(
             "alarms_active", "Alarm episodes raised and not cleared.", len(hub.alarms.active)
         )

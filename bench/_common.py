@@ -170,11 +170,13 @@ def _wait_ready(server: Server, path: str, timeout_s: float) -> None:
 
 
 @contextmanager
-def _running(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> Iterator[Server]:
+def _running(
+    cmd: list[str], env: dict[str, str], port: int, ready_path: str, cwd: Path = ROOT
+) -> Iterator[Server]:
     log_dir = Path(os.environ.get("SENSORCAST_BENCH_LOGS", "/tmp"))
     log_path = log_dir / f"sensorcast-bench-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(port, proc, log_path)
     try:
         _wait_ready(server, ready_path, 90)

@@ -367,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
+        # Within the runner's quick budget: each measurement starts its own server and
+        # connects every subscriber, so only the largest N (the one with targets) runs.
         args.seconds = min(args.seconds, 2.0)
+        args.subscribers = [max(args.subscribers)]
 
     rates = [0.0, *args.paced]
     table: list[dict[str, Any]] = []
@@ -423,11 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             if n == 1000 and not rate:
                 row["target"], row["met"] = ">= 0.7x", ratio >= 0.7
             table.append(row)
-            table.append({
+            latency: dict[str, Any] = {
                 "item": "fanout", "measure": f"{n:,} subscribers, {offered}: p99 delivery",
                 "value": s99, "unit": "ms", "baseline": "websockets broadcast()",
                 "baseline_value": b99, "ratio": s99 / b99 if b99 else None,
-            })  # fmt: skip
+            }  # fmt: skip
+            if n == 1000 and rate:
+                latency["target"] = "<= 3.0x"
+                latency["met"] = bool(b99) and s99 <= 3 * b99
+            table.append(latency)
             print(
                 f"| {n:,} | {f'{rate:,.0f}' if rate else 'saturated'} | {bf:,.0f} "
                 f"| {b50:.1f} / {b99:.1f} | {sf:,.0f} | {s50:.1f} / {s99:.1f} "

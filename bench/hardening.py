@@ -7,8 +7,9 @@ Three runs against ``sensorcast serve`` on loopback, each bounded in time and co
    and refused (507, ``max_sensors``), the RSS growth of the service and its model processes,
    the memory per accepted sensor, and the probe's p99.
 2. ``websockets``: 1,500 WebSockets (300 with ``--quick``) that never read, beside 500
-   readings/s, while ``/healthz`` is probed. Reported: subscribers accepted and refused,
-   the probe's p99.
+   readings/s, while ``/healthz`` is probed from another process (``bench/ws_flood.py``).
+   Reported: subscribers accepted and refused, readings accepted, the probe's p99, the
+   event-loop lag and the stalled subscribers closed.
 3. ``stalled bodies``: eight connections that send all but one byte of a body at
    ``max_body_bytes`` and stall, beside 50 small POSTs a second. Reported: the share of
    the small POSTs accepted.
@@ -19,10 +20,7 @@ Run: ``python -m bench.hardening [--quick] [--json PATH]``
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
 import time
 from typing import Any
 
@@ -30,6 +28,7 @@ import httpx
 import psutil
 
 from bench._common import HOST, Results, parse_args, percentile, probe_latency, service
+from bench.ws_flood import flood, report
 
 TARGET_RSS_MIB = 600
 TARGET_HEALTHZ_P99_MS = 100
@@ -110,64 +109,9 @@ async def sensors_run(results: Results, count: int) -> None:
     )  # fmt: skip
 
 
-async def _silent_ws(port: int) -> tuple[asyncio.StreamWriter, int]:
-    """A WebSocket that completes its handshake and never reads again; its HTTP status."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /v1/ws/predictions HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    return writer, int(head.split(b" ", 2)[1])
-
-
 async def websockets_run(results: Results, sockets: int, duration_s: float) -> None:
     with service() as srv:
-        statuses: dict[int, int] = {}
-        writers = []
-        for _ in range(sockets):
-            writer, status = await _silent_ws(srv.port)
-            statuses[status] = statuses.get(status, 0) + 1
-            writers.append(writer)
-
-        async def readings() -> int:
-            sent = 0
-            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-                started = time.monotonic()
-                n = 0
-                while (elapsed := time.monotonic() - started) < duration_s:
-                    due = n / 50
-                    if due > elapsed:
-                        await asyncio.sleep(due - elapsed)
-                    body = [
-                        {"sensor_id": f"ws-{i}", "value": float(n % 17), "id": f"{n}.{i}"}
-                        for i in range(10)
-                    ]
-                    if (await client.post("/v1/readings", json=body)).status_code == 202:
-                        sent += 10
-                    n += 1
-            return sent
-
-        sent, latencies = await _probed(srv.url, readings())
-        for writer in writers:
-            writer.transport.abort()
-    results.row("websockets", "never-reading sockets opened", sockets, "")
-    results.row("websockets", "subscribers accepted (101)", statuses.get(101, 0), "")
-    results.row("websockets", "handshakes refused (503)", statuses.get(503, 0), "")
-    results.row("websockets", "readings accepted per s", sent / duration_s, "/s")
-    p99 = percentile(latencies, 99)
-    results.row(
-        "websockets", "/healthz p99", p99, "ms",
-        target=f"<= {TARGET_HEALTHZ_P99_MS}", met=p99 <= TARGET_HEALTHZ_P99_MS,
-    )  # fmt: skip
+        report(results, "websockets", sockets, await flood(srv, sockets, 500, duration_s))
 
 
 async def stalled_bodies_run(results: Results, duration_s: float) -> None:

@@ -299,11 +299,15 @@ async def test_event_loop_stays_responsive_during_a_burst(
         async with connect(f"{server.ws_url}?sensor={t}-*&batch=true") as ws:
             await receive_json(ws)
             await asyncio.sleep(0.5)
+            # Read while posting, as a consumer does: a subscriber that reads nothing while
+            # 60,000 predictions are published overflows its queue (lagged) once its socket's
+            # bounded buffers are full.
+            received = asyncio.create_task(collect(ws, 60_000, timeout_s=120))
             for body in bodies:
                 # The burst outruns the model stage: a full queue answers 503 and the body is
                 # sent again after Retry-After, as a gateway does.
                 await post_accepted(http, body)
-            await collect(ws, 60_000, timeout_s=120)
+            await received
         prober.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(prober.communicate, timeout=30)
     finally:

@@ -24,6 +24,7 @@ from tests.conftest import (
     collect,
     connect,
     post,
+    post_accepted,
     receive_json,
     running,
     start_server,
@@ -526,6 +527,70 @@ async def test_never_reading_subscribers_cause_no_log_flood(many_server: Server)
     new_lines = srv.log().splitlines()[before:]
     assert not [line for line in new_lines if "subscriber ended" in line or "RuntimeError" in line]
     assert sum(" WARNING " in line or " ERROR " in line for line in new_lines) <= 5, new_lines[-10:]
+
+
+STALL_TIMEOUT_S = 1.0
+
+
+async def test_never_reading_subscribers_are_closed_while_readings_flow(
+    server_factory: Callable[..., Server],
+) -> None:
+    """300 unfiltered subscribers that never read cost little: readings keep being accepted
+    and reach a subscriber that reads, /healthz stays fast, and each stalled subscriber is
+    closed (counted, logged once) soon after its socket stops taking data."""
+    srv = server_factory(workers="1", ws_stall_timeout_s=str(STALL_TIMEOUT_S))
+    before = srv.log().count("\n")
+    silent = [
+        await RawClient.connect(srv.port, "/v1/ws/predictions", rcvbuf=4096) for _ in range(300)
+    ]
+    for client in silent:
+        client.stop_reading()
+    probes: list[float] = []
+    requests, per_request = 30, 50
+    try:
+        async with (
+            httpx.AsyncClient(base_url=srv.url, timeout=30) as http,
+            connect(srv.ws_url + "?batch=true", compression=None) as reader,
+        ):
+            await receive_json(reader)
+            received = asyncio.create_task(collect(reader, requests * per_request, timeout_s=60))
+            probe = asyncio.create_task(_probe(srv.url, probes))
+            started = time.monotonic()
+            for n in range(requests):
+                body = [
+                    {"sensor_id": f"silent-{i}", "value": float(n % 7), "id": f"{n}-{i}"}
+                    for i in range(per_request)
+                ]
+                await post_accepted(http, body)
+                await asyncio.sleep(0.1)
+            posted = time.monotonic()
+            while True:
+                metrics = (await http.get("/metrics")).text
+                if _metric(metrics, "sensorcast_stalled_disconnects_total") >= len(silent):
+                    break
+                assert time.monotonic() < posted + 30, "stalled subscribers were not closed"
+                await asyncio.sleep(0.1)
+            closed_after = time.monotonic() - started
+            got = await received
+            probe.cancel()
+            metrics = (await http.get("/metrics")).text
+    finally:
+        for client in silent:
+            client.close()
+    assert len({(m["sensor_id"], m["id"]) for m in got}) == requests * per_request
+    # Each silent socket fills within the first few posts and is closed a stall timeout later.
+    assert closed_after < posted - started + STALL_TIMEOUT_S + 10
+    assert _metric(metrics, "sensorcast_subscribers") == 1
+    assert probes and sorted(probes)[len(probes) // 2] < 100 and max(probes) < 2000
+    new_lines = srv.log().splitlines()[before:]
+    assert not [line for line in new_lines if "subscriber ended" in line or "RuntimeError" in line]
+    assert sum(" WARNING " in line or " ERROR " in line for line in new_lines) <= 5, new_lines[-10:]
+    assert any("socket took nothing" in line for line in new_lines)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(m[1]) if m else float("nan")
 
 
 # -- memory per sensor -------------------------------------------------------------------------

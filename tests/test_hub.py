@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from app.backends.memory import MemoryBackend
 from app.config import SlowClientPolicy
 from app.pipeline.hub import MESSAGE_OVERHEAD, History, PredictionHub, SensorFilter, Subscriber
-from app.pipeline.wire import Message
+from app.pipeline.wire import Message, text_frames
 
 
 def messages(first: int, count: int, sensors: int = 3) -> list[Message]:
@@ -131,6 +131,50 @@ def test_history_memory_stays_within_history_max_bytes(frame_len: int) -> None:
     assert len(history) > 0
     assert peak <= max_bytes * 1.25, (
         f"{peak / 2**20:.1f} MiB held for a {max_bytes >> 20} MiB bound"
+    )
+
+
+async def test_idle_subscribers_are_written_directly_and_nothing_overtakes_a_queue() -> None:
+    """An idle subscriber gets each batch through its direct writer, encoded once for all
+    subscribers of its filter and frame kind; once a write is refused the batch is queued,
+    and later batches queue behind it until the relay is idle again."""
+    hub = PredictionHub(
+        MemoryBackend(),
+        history_max_frames=100,
+        history_max_age_s=60,
+        subscriber_queue_frames=1000,
+        policy=SlowClientPolicy.drop_oldest,
+    )
+    writes: dict[str, list[tuple[bytes, int]]] = {"a": [], "b": [], "batch": []}
+    room = {"a": True, "b": True, "batch": True}
+
+    def writer(name: str, sub: Subscriber) -> None:
+        def direct(data: bytes, last_seq: int) -> bool:
+            if room[name]:
+                writes[name].append((data, last_seq))
+            return room[name]
+
+        sub.direct = direct
+
+    async with hub:
+        a = hub.subscribe(SensorFilter()).subscriber
+        b = hub.subscribe(SensorFilter()).subscriber
+        batch = hub.subscribe(SensorFilter(), batch=True).subscriber
+        for name, sub in (("a", a), ("b", b), ("batch", batch)):
+            writer(name, sub)
+        hub.dispatch(messages(1, 3))
+        room["b"] = False
+        hub.dispatch(messages(4, 2))
+        room["b"] = True
+        hub.dispatch(messages(6, 2))  # b has a queue: its direct writer was withdrawn
+    assert [seq for _, seq in writes["a"]] == [3, 5, 7] and a.queued == 0
+    assert writes["a"][0][0] is writes["b"][0][0]  # encoded once
+    assert writes["a"][0][0] == text_frames(m.frame for m in messages(1, 3))
+    assert [seq for _, seq in writes["b"]] == [3] and b.direct is None
+    assert [m.seq for m in b.take()] == [4, 5, 6, 7]
+    assert (
+        writes["batch"][0][0].startswith(b"\x81")
+        and b'"type":"predictions"' in writes["batch"][0][0]
     )
 
 

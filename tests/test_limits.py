@@ -181,6 +181,10 @@ async def test_overload_is_refused_and_memory_stays_flat(server_factory) -> None
         batch_max_size="100",
         history_max_frames="2000",
         dedup_max_ids="20000",
+        # The subscriber is only the observer of exactly-once here, and in this process it
+        # reads slower than the server publishes for the whole run: let its socket buffer
+        # what the kernel will (compressed frames), as it did before the bound existed.
+        ws_send_buffer_bytes=str(64 * 2**20),
     )
     proc = psutil.Process(srv.proc.pid)
     accepted: list[str] = []

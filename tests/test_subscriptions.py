@@ -406,25 +406,38 @@ async def test_heartbeat_reaps_a_peer_that_never_answers_pings(server_factory) -
 
 
 async def test_a_stalled_socket_is_dropped(server_factory) -> None:
-    """A peer whose socket takes no bytes at all is dropped from the fan-out after the ping
-    interval plus timeout, even though no close frame can reach it."""
-    srv: Server = server_factory(ws_ping_interval_s="0.5", ws_ping_timeout_s="0.5")
+    """A peer whose socket takes no bytes at all is dropped from the fan-out after
+    ws_stall_timeout_s (well before any heartbeat); if it reads again before its socket is
+    aborted, it gets what was sent, then a 1013 close naming the seq to resume from."""
+    srv: Server = server_factory(ws_stall_timeout_s="2")
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
         slow = await RawClient.connect(srv.port, PATH, rcvbuf=4096)
+        slow.stop_reading()
         try:
-            # More than the kernel's socket buffers take, so the server's own buffer fills.
-            await post_all(http, readings("stall", 20_000, sensors=5))
-            # Dropped by the hub's reaper or, once the heartbeat closed it, by the socket's
-            # abort, whichever comes first.
-            for _ in range(100):
+            # More than the socket buffers take, so the server's relay waits on the socket.
+            await post_all(http, readings("stall", 5_000, sensors=5))
+            for _ in range(200):
                 metrics = (await http.get("/metrics")).text
                 if "\nsensorcast_subscribers 0.0\n" in metrics:
+                    assert "\nsensorcast_stalled_disconnects_total 1.0\n" in metrics
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the stalled subscriber was not dropped")
+            # The socket is aborted a stall timeout after the close: read everything now.
+            slow.resume_reading()
+            frames = []
+            while (frame := await slow.frame(timeout_s=5)) is not None:
+                frames.append(frame)
         finally:
             slow.close()
+    texts = [f.json() for f in frames if f.opcode == 0x1]
+    seqs = [m["seq"] for m in texts if m["type"] in ("prediction", "model", "alarm")]
+    assert frames[-1].close_code == 1013
+    assert frames[-1].close_reason == (
+        f"stalled: took nothing for 2 s; resume with since={seqs[-1]}"
+    )
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) < 5_000
 
 
 # Client frames

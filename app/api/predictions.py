@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,10 @@ from starlette.websockets import WebSocketDisconnect
 from app.access import Scope
 from app.api.auth import guard_of, key_id, websocket_denial, websocket_key
 from app.api.deps import WsHubDep
-from app.edge import Edge
+from app.edge import FRAMES_EXTENSION, Edge
 from app.metrics import Metrics
 from app.pipeline.hub import SNAPSHOT_SLICE, PredictionHub, SensorFilter, Subscriber
-from app.pipeline.wire import Message
+from app.pipeline.wire import Message, client_frames, text_frames
 from app.schemas import SENSOR_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 
-BATCH_MAX_ITEMS = 500
-"""Predictions per ``predictions`` frame: bounds a frame to a few hundred KiB."""
+WRITE_BYTES = 64 * 1024
+"""Frames written to the socket at once by the relay's fast path (about, in characters)."""
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -209,9 +210,17 @@ class Connection:
         # skips Starlette's per-message state checks: this is the per-frame hot path.
         self._asgi_send: Send = websocket._send
         self._send: Send = self._send_frame
+        frames = websocket.scope.get("extensions", {}).get(FRAMES_EXTENSION)
+        self._write_frames: Callable[[bytes], Awaitable[bool]] | None = (
+            frames["write"] if frames else None
+        )
+        self._write_now: Callable[[bytes], bool] | None = frames["write_now"] if frames else None
         self.sub: Subscriber | None = None
         self._last_seq = query.since or 0
         """The seq of the last message sent: where this client may resume."""
+        self._relay: asyncio.Task[None] | None = None
+        self.stalled = False
+        """Set when the hub found the socket taking nothing for its stall timeout."""
 
     async def _send_frame(self, message: MutableMapping[str, Any]) -> None:
         # The server may have closed the socket on its own (a keepalive ping unanswered, a
@@ -222,35 +231,60 @@ class Connection:
             if _AFTER_CLOSE in str(exc):
                 raise WebSocketDisconnect(1006) from None
             raise
+        sub = self.sub
+        if sub is not None and sub.busy_since is not None:
+            # The socket took this frame: the stall clock starts again.
+            sub.busy_since = time.monotonic()
 
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
 
     async def send_messages(self, messages: list[Message]) -> None:
-        """Send messages in order: one frame each, or ``predictions`` frames with batch."""
+        """Send messages in order: one frame each, or ``predictions`` frames with batch.
+
+        Under the service's own server the frames are encoded here and written many at a
+        time (:data:`WRITE_BYTES`); elsewhere, or with an extension such as
+        permessage-deflate, each is one ASGI message.
+        """
+        frames = client_frames(messages, self.query.batch)
+        write = self._write_frames
+        pending: list[tuple[str, int]] = []
+        while write is not None:
+            size = 0
+            for frame in frames:
+                pending.append(frame)
+                size += len(frame[0])
+                if size >= WRITE_BYTES:
+                    break
+            if not pending:
+                return
+            if not await write(text_frames([text for text, _ in pending])):
+                self._write_frames = None
+                break
+            self._last_seq = pending[-1][1]
+            pending = []
+            sub = self.sub
+            if sub is not None and sub.busy_since is not None:
+                sub.busy_since = time.monotonic()
         send = self._send
-        if not self.query.batch:
-            for m in messages:
-                await send({"type": "websocket.send", "text": m.frame})
-            return
-        run: list[str] = []
-        for m in messages:
-            if m.kind == "prediction":
-                run.append(m.frame)
-                if len(run) < BATCH_MAX_ITEMS:
-                    continue
-            if run:
-                await self.send_text('{"type":"predictions","items":[' + ",".join(run) + "]}")
-                run = []
-            if m.kind != "prediction":
-                await self.send_text(m.frame)
-        if run:
-            await self.send_text('{"type":"predictions","items":[' + ",".join(run) + "]}")
+        for text, seq in itertools.chain(pending, frames):
+            await send({"type": "websocket.send", "text": text})
+            self._last_seq = seq
+
+    def _direct(self, data: bytes, last_seq: int) -> bool:
+        """The hub's direct write while the relay is idle (see :attr:`Subscriber.direct`)."""
+        write_now = self._write_now
+        if write_now is not None and write_now(data):
+            self._last_seq = last_seq
+            return True
+        return False
 
     async def run(self) -> None:
         """Serve the connection until the peer goes, the server closes, or the socket stalls."""
         hub, query = self.hub, self.query
-        subscription = hub.subscribe(query.filter, query.since, query.epoch, query.snapshot)
+        subscription = hub.subscribe(
+            query.filter, query.since, query.epoch, query.snapshot, query.batch
+        )
         sub = self.sub = subscription.subscriber
         hello = _dumps({"type": "hello", "epoch": hub.epoch, "seq": hub.latest_seq})
         relay = asyncio.create_task(
@@ -264,7 +298,8 @@ class Connection:
             name="ws-relay",
         )
         reader = asyncio.create_task(self.read(), name="ws-read")
-        sub.on_stall = relay.cancel
+        self._relay = relay
+        sub.on_stall = self._on_stall
         tasks = [relay, reader]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +314,25 @@ class Connection:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+        if self.stalled:
+            await self._close_stalled()
+
+    def _on_stall(self) -> None:
+        """Called by the hub's reaper: the relay stops, and :meth:`run` closes with 1013."""
+        self.stalled = True
+        if self._relay is not None:
+            self._relay.cancel()
+
+    async def _close_stalled(self) -> None:
+        # The relay and the reader are done: this close is the last frame. The edge's
+        # protocol queues it behind the unsent data and aborts the socket shortly after.
+        timeout_s = self.hub.stall_timeout_s
+        reason = f"stalled: took nothing for {timeout_s:g} s; resume with since={self._last_seq}"
+        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._send(
+                    {"type": "websocket.close", "code": CLOSE_TRY_LATER, "reason": reason}
+                )
 
     async def relay(
         self,
@@ -306,14 +360,16 @@ class Connection:
         if gap is not None:
             await self.send_text(_dumps(gap))
         await self.send_messages(replay)
-        if replay:
-            self._last_seq = replay[-1].seq
         del snapshot, replay
         wake = sub.wake
         while True:
             sub.busy_since = None
+            if not wake.is_set() and self._write_frames is not None:
+                sub.direct = self._direct
             await wake.wait()
-            # From here until the next wait, a socket that takes nothing gets reaped.
+            sub.direct = None
+            # From here until the next wait, a socket that takes nothing for the stall
+            # timeout gets reaped (each frame it takes starts the clock again).
             sub.busy_since = time.monotonic()
             if sub.overflowed:
                 reason = f"too slow; resume with since={self._last_seq}"
@@ -325,7 +381,6 @@ class Connection:
                 await self.send_text(_dumps({"type": "lagged", "dropped": dropped}))
             if messages:
                 await self.send_messages(messages)
-                self._last_seq = messages[-1].seq
             if self.hub.closing and not sub.queued:
                 await self.websocket.close(CLOSE_GOING_AWAY, "server shutting down")
                 return
@@ -355,12 +410,7 @@ class Connection:
         # Swap the filter and purge what the new one does not want in one step: every
         # frame numbered above the seq in the reply follows the new filter.
         sub.filter = new_filter
-        if sub.latest is None:
-            kept = new_filter.select(list(sub.queue))
-            sub.queue.clear()
-            sub.queue.extend(kept)
-        else:
-            sub.latest = {k: m for k, m in sub.latest.items() if new_filter.wants(m)}
+        sub.retain(new_filter.wants)
         await self.send_text(
             _dumps(
                 {

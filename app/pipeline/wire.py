@@ -15,6 +15,7 @@ imports nothing of the service but the reading type.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -253,3 +254,62 @@ def frames(first_seq: int, bodies: list[Body], epoch: str) -> list[Message]:
         Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
         for seq, (kind, sensor_id, is_anomaly, body) in enumerate(bodies, first_seq)
     ]
+
+
+BATCH_MAX_ITEMS = 500
+"""Predictions per ``predictions`` frame (``batch=true``): bounds a frame to a few hundred
+KiB."""
+
+
+def client_frames(messages: list[Message], batch: bool) -> Iterator[tuple[str, int]]:
+    """The text frames a subscriber gets for ``messages``, each with the seq of its last
+    message: one frame each, or with ``batch`` runs of predictions in ``predictions`` frames.
+
+    Examples:
+        >>> ms = [Message(s, "prediction", "a", False, "{}") for s in (1, 2)]
+        >>> list(client_frames(ms, batch=True))
+        [('{"type":"predictions","items":[{},{}]}', 2)]
+    """
+    if not batch:
+        for m in messages:
+            yield m.frame, m.seq
+        return
+    run: list[str] = []
+    run_last = 0
+    for m in messages:
+        if m.kind == "prediction":
+            run.append(m.frame)
+            run_last = m.seq
+            if len(run) < BATCH_MAX_ITEMS:
+                continue
+        if run:
+            yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
+            run = []
+        if m.kind != "prediction":
+            yield m.frame, m.seq
+    if run:
+        yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
+
+
+def text_frames(texts: Iterable[str]) -> bytes:
+    """WebSocket text frames, unmasked and unfragmented as a server sends them, end to end.
+
+    Examples:
+        >>> text_frames(["hi", "x" * 200])[:4], len(text_frames(["x" * 70_000]))
+        (b'\\x81\\x02hi', 70010)
+    """
+    out = bytearray()
+    for text in texts:
+        data = text.encode()
+        size = len(data)
+        if size < 126:
+            out += _HEADS[size]
+        elif size < 65536:
+            out += b"\x81\x7e" + size.to_bytes(2, "big")
+        else:
+            out += b"\x81\x7f" + size.to_bytes(8, "big")
+        out += data
+    return bytes(out)
+
+
+_HEADS = [bytes((0x81, n)) for n in range(126)]
