@@ -48,6 +48,9 @@ SCRIPTS = (
     Script("alarms", "alarm coverage on sustained faults", 240, 60),
     Script("scaleout", "scale-out on Redis beside memory://, and min_replicas=1", 300, 120),
     Script("redis_cost", "Redis cost per reading, sizing projections", 300, 120),
+    Script(
+        "hardening", "sensors, silent WebSockets and stalled bodies at default settings", 420, 180
+    ),
 )
 
 
