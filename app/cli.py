@@ -68,9 +68,11 @@ def serve(args: argparse.Namespace) -> int:
 
     from app.edge import Edge, open_file_limit
     from app.main import create_app
+    from app.malloc import fix_mmap_threshold
 
     try:
         settings = _settings(args, ("host", "port", "backend", "workers", "log_level"))
+        fix_mmap_threshold()
         # Before the app sizes its connection limits from it.
         open_file_limit()
         app = create_app(settings)
@@ -172,8 +174,10 @@ def worker(args: argparse.Namespace) -> int:
             "with memory:// the serve command runs the workers itself"
         )
     configure_logging(settings.log_level, settings.log_format)
+    from app.malloc import fix_mmap_threshold
     from app.worker import run_worker
 
+    fix_mmap_threshold()
     return asyncio.run(run_worker(settings))
 
 

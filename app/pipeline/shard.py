@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from app.malloc import fix_mmap_threshold
 from app.models.alarms import AlarmTracker, Explanation
 from app.models.base import ModelOptions, SensorModel, SensorModelClass, load_model_class
 from app.pipeline import wire
@@ -62,6 +63,7 @@ def init_process(
             service's event loop gets a core before the model work does.
     """
     global _model_class, _model_path, _options, _model_dir
+    fix_mmap_threshold()  # checkpoints of every model are built and freed here too
     _model_class = load_model_class(model_path)
     _model_path = model_path
     _options = options or ModelOptions()
