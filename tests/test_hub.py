@@ -65,16 +65,23 @@ def test_disconnect_policy_marks_the_subscriber_and_frees_its_queue() -> None:
     assert sub.overflowed and sub.queued == 0
 
 
+def memory_hub(
+    history_max_frames: int = 100, policy: SlowClientPolicy = SlowClientPolicy.drop_oldest
+) -> PredictionHub:
+    """A hub on the memory backend: 60 s of history, queues of 1,000 frames."""
+    return PredictionHub(
+        MemoryBackend(),
+        history_max_frames=history_max_frames,
+        history_max_age_s=60,
+        subscriber_queue_frames=1000,
+        policy=policy,
+    )
+
+
 @pytest.mark.parametrize("since", [0, 50, 99, 100, 150])
 async def test_subscribe_resumes_without_duplicates_or_holes(since: int) -> None:
     """Replay plus live stream from any since: exactly the seqs after it, each once."""
-    hub = PredictionHub(
-        MemoryBackend(),
-        history_max_frames=100,
-        history_max_age_s=60,
-        subscriber_queue_frames=1000,
-        policy=SlowClientPolicy.drop_oldest,
-    )
+    hub = memory_hub()
     async with hub:
         hub.dispatch(messages(1, 150))
         sub = hub.subscribe(SensorFilter(), since=since, epoch=hub.epoch)
@@ -91,13 +98,7 @@ async def test_subscribe_resumes_without_duplicates_or_holes(since: int) -> None
 
 async def test_filters_are_applied_once_per_distinct_filter() -> None:
     """Subscribers with equal filters share one selection; each gets only what it wants."""
-    hub = PredictionHub(
-        MemoryBackend(),
-        history_max_frames=10,
-        history_max_age_s=60,
-        subscriber_queue_frames=1000,
-        policy=SlowClientPolicy.drop_oldest,
-    )
+    hub = memory_hub(history_max_frames=10)
     async with hub:
         subs = [hub.subscribe(SensorFilter(["s1"])).subscriber for _ in range(3)]
         anomalies = hub.subscribe(SensorFilter([], anomalies_only=True)).subscriber
@@ -138,13 +139,7 @@ async def test_idle_subscribers_are_written_directly_and_nothing_overtakes_a_que
     """An idle subscriber gets each batch through its direct writer, encoded once for all
     subscribers of its filter and frame kind; once a write is refused the batch is queued,
     and later batches queue behind it until the relay is idle again."""
-    hub = PredictionHub(
-        MemoryBackend(),
-        history_max_frames=100,
-        history_max_age_s=60,
-        subscriber_queue_frames=1000,
-        policy=SlowClientPolicy.drop_oldest,
-    )
+    hub = memory_hub()
     writes: dict[str, list[tuple[bytes, int]]] = {"a": [], "b": [], "batch": []}
     room = {"a": True, "b": True, "batch": True}
 
@@ -215,13 +210,7 @@ async def test_a_new_epoch_reaches_every_subscriber_as_a_gap_in_order(
     """renumber: each subscriber, whatever its filter and policy, gets the epoch_changed gap
     after the old epoch's messages and before the new ones; the old history is dropped and a
     resume in the new epoch is served from its numbers."""
-    hub = PredictionHub(
-        MemoryBackend(),
-        history_max_frames=100,
-        history_max_age_s=60,
-        subscriber_queue_frames=1000,
-        policy=policy,
-    )
+    hub = memory_hub(policy=policy)
     async with hub:
         old = hub.epoch
         subs = [hub.subscribe(SensorFilter(f)).subscriber for f in ([], ["s1"], ["nothing"])]

@@ -231,9 +231,12 @@ class Connection:
             if _AFTER_CLOSE in str(exc):
                 raise WebSocketDisconnect(1006) from None
             raise
+        self._socket_took()
+
+    def _socket_took(self) -> None:
+        """The socket took what was written: the stall clock starts again."""
         sub = self.sub
         if sub is not None and sub.busy_since is not None:
-            # The socket took this frame: the stall clock starts again.
             sub.busy_since = time.monotonic()
 
     async def send_text(self, text: str) -> None:
@@ -263,9 +266,7 @@ class Connection:
                 break
             self._last_seq = pending[-1][1]
             pending = []
-            sub = self.sub
-            if sub is not None and sub.busy_since is not None:
-                sub.busy_since = time.monotonic()
+            self._socket_took()
         send = self._send
         for text, seq in itertools.chain(pending, frames):
             await send({"type": "websocket.send", "text": text})

@@ -39,7 +39,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
@@ -265,35 +265,32 @@ class RedisBackend:
         """How often the Sentinels named another primary (the workers start their partitions
         over on the new one)."""
         self._watch: asyncio.Task[None] | None = None
-        self.client: aioredis.Redis
-        self.reader: aioredis.Redis
+        connect: Callable[..., aioredis.Redis]
         if url.startswith("redis+sentinel://"):
             address = sentinel_address(url)
             self.service = address.service
-            self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 address.sentinels,
                 sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
             )
-            self.client = self.sentinel.master_for(
-                address.service, db=address.db, password=address.password,
-                socket_timeout=self.call_timeout_s, socket_connect_timeout=timeout_s,
-                retry_on_timeout=False,
-            )  # fmt: skip
-            self.reader = self.sentinel.master_for(
-                address.service, db=address.db, password=address.password,
-                socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s,
-            )  # fmt: skip
+
+            def connect(**options: Any) -> aioredis.Redis:
+                client = sentinel.master_for(
+                    address.service, db=address.db, password=address.password, **options
+                )
+                return cast(aioredis.Redis, client)
         else:
-            self.client = aioredis.Redis.from_url(
-                url,
-                socket_timeout=self.call_timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry_on_timeout=False,
-            )
-            # Blocking reads hold a connection for up to a second: give them their own.
-            self.reader = aioredis.Redis.from_url(
-                url, socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s
-            )
+
+            def connect(**options: Any) -> aioredis.Redis:
+                return aioredis.Redis.from_url(url, **options)
+
+        self.client = connect(
+            socket_timeout=self.call_timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+        )
+        # Blocking reads hold a connection for up to a second: give them their own.
+        self.reader = connect(socket_timeout=timeout_s + 2, socket_connect_timeout=timeout_s)
         self._epoch_script = self.client.register_script(_EPOCH)
         self._ingest = self.client.register_script(_INGEST)
         self._publish = self.client.register_script(_PUBLISH)

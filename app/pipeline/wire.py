@@ -283,12 +283,16 @@ def client_frames(messages: list[Message], batch: bool) -> Iterator[tuple[str, i
             if len(run) < BATCH_MAX_ITEMS:
                 continue
         if run:
-            yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
+            yield _predictions_frame(run), run_last
             run = []
         if m.kind != "prediction":
             yield m.frame, m.seq
     if run:
-        yield '{"type":"predictions","items":[' + ",".join(run) + "]}", run_last
+        yield _predictions_frame(run), run_last
+
+
+def _predictions_frame(items: list[str]) -> str:
+    return '{"type":"predictions","items":[' + ",".join(items) + "]}"
 
 
 def text_frames(texts: Iterable[str]) -> bytes:
