@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import time
 from typing import Any
 
 import httpx
+import pytest
 
+from app.logs import BatchedStreamHandler, JsonFormatter, TextFormatter
 from tests.conftest import Server, collect, connect, post, receive_json
 
 SECRET = "k3y-DO-NOT-LOG-5f2a"
@@ -87,3 +91,71 @@ async def test_access_log_can_be_switched_off(server_factory) -> None:
     await asyncio.sleep(0.3)
     assert "/healthz" not in server.log()
     assert "ready" in server.log()  # the service's own lines still flow
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write, to see how lines are batched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.written: asyncio.Event | None = None
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        if self.written is not None:
+            self.written.set()
+        return super().write(text)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_lines_are_what_the_formatter_makes_of_the_record(fmt: str) -> None:
+    """The access line written straight to the handler equals the formatter's rendering of
+    the equivalent record, in text and JSON, so the two paths cannot drift apart."""
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    created = 1_790_000_000.25
+    record = logging.LogRecord(
+        "app.access", logging.INFO, __file__, 0, "%s %s %d %.2fms",
+        ("POST", "/v1/readings", 202, 10.81), None,
+    )  # fmt: skip
+    record.created, record.msecs = created, 250.0
+    record.method, record.path, record.status = "POST", "/v1/readings", 202
+    record.duration_ms, record.request_id = 10.81, "cf1013c5d42abc55"
+    direct = formatter.access_line(created, "POST", "/v1/readings", 202, 10.81, "cf1013c5d42abc55")
+    assert direct == formatter.format(record)
+    if fmt == "text":
+        assert direct.endswith(
+            "INFO    app.access: POST /v1/readings 202 10.81ms [cf1013c5d42abc55]"
+        )
+    else:
+        assert json.loads(direct)["duration_ms"] == 10.81
+
+
+async def test_lines_written_on_the_loop_go_out_together() -> None:
+    """INFO lines written on the event loop are held and written in one go; a warning is
+    written at once, after what was held, so the order is kept; off the loop, at once."""
+    stream = _Writes()
+    handler = BatchedStreamHandler(stream, interval_s=0.05)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("tests.batched")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    try:
+        for n in range(5):
+            logger.info("line %d", n)
+        assert stream.writes == []
+        stream.written = asyncio.Event()
+        await asyncio.wait_for(stream.written.wait(), 5)
+        stream.written = None
+        assert len(stream.writes) == 1 and stream.writes[0].count("\n") == 5
+        logger.info("held")
+        logger.warning("at once")
+        assert len(stream.writes) == 2
+        assert stream.writes[1].index("held") < stream.writes[1].index("at once")
+        await asyncio.to_thread(logger.info, "from a thread")
+        assert "from a thread" in stream.writes[-1]
+        logger.info("flushed at exit")
+        handler.flush()
+        assert "flushed at exit" in stream.getvalue()
+    finally:
+        logger.removeHandler(handler)
