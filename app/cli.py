@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import logging
 import os
 import signal
@@ -150,9 +151,11 @@ class GracefulServer:
             server.should_exit = True
             server.force_exit = self._draining is not None
             return
-        log.info("%s: draining before exit", signal.Signals(sig).name)
+        # A signal handler runs in whatever context was current, often a request's: neither
+        # this line nor the drain belongs to that request (its id would tag every line).
+        log.info("%s: draining before exit", signal.Signals(sig).name, extra={"request_id": "-"})
         loop = asyncio.get_event_loop()
-        self._draining = loop.create_task(self._drain())
+        self._draining = loop.create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
         try:
