@@ -535,8 +535,10 @@ class RidgeForecaster:
     # The Protocol ----------------------------------------------------------------------------
 
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
-        ts_list: list[float] = ts.tolist()
-        rows: list[list[float]] = values.tolist()
+        return self.observe_lists(ts.tolist(), values.tolist())
+
+    def observe_lists(self, ts: list[float], rows: list[list[float]]) -> Observation:
+        """``observe`` on plain lists (see :class:`app.models.base.ListObserver`)."""
         c = len(self.channels)
         forecasts: list[list[float] | None] = []
         scores: list[float] = []
@@ -548,7 +550,7 @@ class RidgeForecaster:
         # The largest of c channels' statistics exceeds a threshold more often than one
         # channel's: widen the thresholds with the number of channels.
         widen = 1.0 + MULTI_WIDEN * math.log(c)
-        for t, row in zip(ts_list, rows, strict=True):
+        for t, row in zip(ts, rows, strict=True):
             fit = self._fit
             in_order = t >= self._last_ts
             versions.append(self.version)
