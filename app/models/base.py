@@ -25,6 +25,10 @@ A minimal model::
         def restore(self, state): self.last = state
 
 ``tests/plugin_model.py`` is a complete example, run end to end by the tests.
+
+A model that scores in Python floats may also define ``observe_lists`` (see
+:class:`ListObserver`): the service then calls it instead of ``observe``, with the same readings
+as plain lists, and saves building arrays the model would turn straight back into lists.
 """
 
 from __future__ import annotations
@@ -113,6 +117,41 @@ class SensorModel(Protocol):
     def restore(self, state: Any) -> None:
         """Take back a snapshot made by ``state``."""
         ...
+
+
+class ListObserver(Protocol):
+    """Optional, beside :class:`SensorModel`: ``observe`` on plain lists."""
+
+    def observe_lists(self, ts: list[float], values: list[list[float]]) -> Observation:
+        """What ``observe(np.array(ts), np.array(values))`` does, on the same readings given as
+        a list of floats and a list of rows (one list of floats each).
+
+        The service calls it instead of ``observe`` when the class (or the nearest base class
+        that defines either) defines it: see :func:`takes_lists`. A subclass that overrides
+        ``observe`` alone is given arrays.
+        """
+        ...
+
+
+def takes_lists(cls: Any) -> bool:
+    """Whether the service calls ``observe_lists`` rather than ``observe`` on ``cls``'s models:
+    the class that defines it comes before the one that defines ``observe`` in the MRO.
+
+    Examples:
+        >>> class A:
+        ...     def observe(self, ts, values): ...
+        ...     def observe_lists(self, ts, values): ...
+        >>> class B(A):
+        ...     def observe(self, ts, values): ...
+        >>> takes_lists(A), takes_lists(B)
+        (True, False)
+    """
+    for klass in getattr(cls, "__mro__", ()):
+        if "observe_lists" in vars(klass):
+            return True
+        if "observe" in vars(klass):
+            return False
+    return False
 
 
 class SensorModelClass(Protocol):

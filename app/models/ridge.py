@@ -275,10 +275,33 @@ def _ridge(features: FloatArray, target: FloatArray, daily: bool, lags: bool = T
     return _fold(coef, intercept)
 
 
+def _median(a: FloatArray) -> float:
+    """``float(np.median(a))`` of a non-empty 1-d array, without ``np.median``'s per-call cost.
+
+    The same partition as ``np.median`` (around the middle element, or the two middle ones,
+    and the last, so that a NaN comes to the end), then the same arithmetic: the NaN if there
+    is one, else the mean of the middle element(s), summed from zero as ``np.mean`` sums (so
+    that a median of ``-0.0`` is ``0.0``).
+
+    Examples:
+        >>> _median(np.array([3.0, 1.0, 2.0])), _median(np.array([4.0, 1.0, 2.0, 3.0]))
+        (2.0, 2.5)
+    """
+    n = len(a)
+    half = n // 2
+    odd = n % 2
+    part = np.partition(a, [half, -1] if odd else [half - 1, half, -1])
+    last = float(part[-1])
+    if last != last:
+        return last
+    middle: list[float] = part[half - 1 + odd : half + 1].tolist()
+    return sum(middle) / len(middle)
+
+
 def _robust_scale(residuals: FloatArray, floor: float) -> float:
     if len(residuals) == 0:
         return max(floor, 1e-12)
-    mad = float(np.median(np.abs(residuals - np.median(residuals)))) * 1.4826
+    mad = _median(np.abs(residuals - _median(residuals))) * 1.4826
     return max(mad, 0.1 * float(residuals.std()), floor)
 
 
@@ -307,7 +330,7 @@ def _threshold(stat: FloatArray, factor: float, floor: float, cap: float) -> flo
         return floor
     u = float(np.quantile(stat, 0.9))
     excess = stat[stat > u] - u
-    b = float(np.median(excess)) / math.log(2) if len(excess) else 0.0
+    b = _median(excess) / math.log(2) if len(excess) else 0.0
     return float(np.clip(max(factor * u, u + b * math.log(0.1 / FALSE_RATE)), floor, cap))
 
 
@@ -317,23 +340,27 @@ def _spoilt(outlier: BoolArray, span: int) -> BoolArray:
 
 
 def _fit_channel(
-    ts: FloatArray, series: FloatArray, flagged: BoolArray
+    ts: FloatArray,
+    series: FloatArray,
+    flagged: BoolArray,
+    design: tuple[FloatArray, FloatArray, FloatArray, int],
 ) -> tuple[ChannelFit, FloatArray, BoolArray]:
     """Fit one channel, leaving out rows whose target or window holds an outlier (a large
-    residual, or a reading the model in use flagged).
+    residual, or a reading the model in use flagged). ``design`` is ``_design(ts, series, 1)``.
 
     Returns the fit, the one-step z-scores of rows ``WINDOW..n-1`` and the mask of kept rows.
     """
+    deltas = np.diff(series)
     # A signal the model predicts (almost) exactly must not get a scale of rounding errors,
     # which would make every last digit an anomaly: at least 2 % of its typical change.
-    floor = max(1e-9 * (1.0 + abs(float(np.median(series)))), 0.02 * float(np.diff(series).std()))
+    floor = max(1e-9 * (1.0 + abs(_median(series))), 0.02 * float(deltas.std()))
     daily = bool(ts[-1] - ts[0] >= 0.75 * DAY_S)
     # Readings that repeat the previous two are a stuck sensor, not data to learn from.
     repeats = np.zeros(len(series), dtype=bool)
     repeats[2:] = (series[2:] == series[1:-1]) & (series[1:-1] == series[:-2])
     if repeats.mean() > 0.2:
         repeats[:] = False  # a sensor that often repeats itself
-    tails, features, target, first = _design(ts, series, 1)
+    tails, features, target, first = design
     keep = np.ones(len(target), dtype=bool)
     for _ in range(3):
         step = _ridge(features[keep], target[keep], daily)
@@ -379,7 +406,6 @@ def _fit_channel(
                 MAX_Z_THRESHOLD,
             )
 
-    deltas = np.diff(series)
     p_same = float(np.mean(np.abs(deltas) <= 1e-12 * (1.0 + np.abs(series[1:]))))
     if p_same == 0.0:
         stuck_run = 3
@@ -434,33 +460,34 @@ def fit_window(
     error_new = error_current = math.nan
     accepted = True
     split = n - n // 4
+    designs = [_design(ts, values[:, o], 1) for o in range(c)]
     if current is not None and len(current.channels) == c and split - WINDOW >= 24:
         # The candidate sees only the first three quarters; both are judged on the rest.
         error_new = error_current = 0.0
         daily = bool(ts[split - 1] - ts[0] >= 0.75 * DAY_S)
         for o in range(c):
-            tails, features, target, first = _design(ts, values[:, o], 1)
+            tails, features, target, first = designs[o]
             head = _ridge(features[: split - first], target[: split - first], daily)
             rows, rows_ts = tails[split - first :], ts[split:]
             actual = values[split:, o]
             norm = current.channels[o].scale
             new = np.abs(actual - _expect(head, rows, rows_ts))
             old = np.abs(actual - _expect(current.channels[o].step, rows, rows_ts))
-            error_new += float(np.median(new)) / norm
-            error_current += float(np.median(old)) / norm
+            error_new += _median(new) / norm
+            error_current += _median(old) / norm
         accepted = error_new <= error_current * (1 + ACCEPT_TOLERANCE)
     fits: list[ChannelFit] = []
     zs: list[FloatArray] = []
     kept = np.ones(n - WINDOW, dtype=bool)
     for o in range(c):
-        fit, z, keep = _fit_channel(ts, values[:, o], flagged)
+        fit, z, keep = _fit_channel(ts, values[:, o], flagged, designs[o])
         fits.append(fit)
         zs.append(z)
         kept &= keep
     precision, mv_threshold = _multivariate(np.column_stack(zs)[kept])
     gaps = np.diff(ts)
     gaps = gaps[gaps > 0]
-    interval = float(np.median(gaps)) if len(gaps) else 1.0
+    interval = _median(gaps) if len(gaps) else 1.0
     return Fitted(
         tuple(fits), precision, mv_threshold, interval, accepted, error_new, error_current
     )
@@ -535,8 +562,10 @@ class RidgeForecaster:
     # The Protocol ----------------------------------------------------------------------------
 
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
-        ts_list: list[float] = ts.tolist()
-        rows: list[list[float]] = values.tolist()
+        return self.observe_lists(ts.tolist(), values.tolist())
+
+    def observe_lists(self, ts: list[float], rows: list[list[float]]) -> Observation:
+        """``observe`` on plain lists (see :class:`app.models.base.ListObserver`)."""
         c = len(self.channels)
         forecasts: list[list[float] | None] = []
         scores: list[float] = []
@@ -548,7 +577,7 @@ class RidgeForecaster:
         # The largest of c channels' statistics exceeds a threshold more often than one
         # channel's: widen the thresholds with the number of channels.
         widen = 1.0 + MULTI_WIDEN * math.log(c)
-        for t, row in zip(ts_list, rows, strict=True):
+        for t, row in zip(ts, rows, strict=True):
             fit = self._fit
             in_order = t >= self._last_ts
             versions.append(self.version)
@@ -814,7 +843,7 @@ class RidgeForecaster:
         out: list[list[float] | None] = []
         for o in range(len(self.channels)):
             column = np.array([row[o] for row in rows], dtype=np.float64)
-            level = float(np.median(column))
+            level = _median(column)
             noise = fit.channels[o].scale if fit is not None else 1e-9
             spread = _robust_scale(column - level, noise)
             flat = spread <= BASELINE_FLAT * noise

@@ -17,14 +17,23 @@ import pickle
 import select
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from itertools import repeat
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from app.malloc import fix_mmap_threshold
 from app.models.alarms import AlarmTracker, Explanation
-from app.models.base import ModelOptions, SensorModel, SensorModelClass, load_model_class
+from app.models.base import (
+    ListObserver,
+    ModelOptions,
+    SensorModel,
+    SensorModelClass,
+    load_model_class,
+    takes_lists,
+)
 from app.pipeline import wire
 from app.pipeline.routing import shard_of
 from app.schemas import Reading
@@ -38,6 +47,8 @@ _model_dir: str | None = None
 _models: dict[str, SensorModel] = {}
 _trackers: dict[str, AlarmTracker] = {}
 """Alarm trackers of the sensors whose model tracks no alarms itself."""
+_takes_lists = False
+"""The model class scores plain lists: ``observe_lists`` is called instead of ``observe``."""
 _MAX_REASON_CHARS = 200
 MODEL_SUFFIX = ".model"
 _FORMAT = 2
@@ -62,9 +73,10 @@ def init_process(
         nice: added to the process's scheduling niceness, so that on a busy machine the
             service's event loop gets a core before the model work does.
     """
-    global _model_class, _model_path, _options, _model_dir
+    global _model_class, _model_path, _options, _model_dir, _takes_lists
     fix_mmap_threshold()  # checkpoints of every model are built and freed here too
     _model_class = load_model_class(model_path)
+    _takes_lists = takes_lists(_model_class)
     _model_path = model_path
     _options = options or ModelOptions()
     _model_dir = model_dir
@@ -141,33 +153,28 @@ def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
     return runs
 
 
-class _Row:
-    """What the model said of one reading, and what happened right after it."""
-
-    __slots__ = (
-        "forecast", "score", "flag", "explanation", "error", "version", "channels", "ts",
-        "before", "after",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.ts = 0.0
-        self.forecast: list[float] | None = None
-        self.score = float("nan")
-        self.flag = False
-        self.explanation: Explanation = ()
-        self.error: str | None = None
-        self.version = 0
-        self.channels: tuple[str, ...] = ()
-        self.before: list[wire.Body] = []
-        """A model frame for a fit the model did not place (it reports no per-row versions)."""
-        self.after: list[wire.Body] = []
-        """Model and alarm messages this reading caused, published right after it."""
+_Out = tuple[Any, float, bool, Explanation, "Sequence[Any] | None", int, tuple[str, ...]]
+"""What the model said of one reading: (forecast, score, flag, explanation, the alarm events
+it tracked or None, version that scored it, the model's channels)."""
 
 
-def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any]:
-    """One :data:`_Out` per reading, or an error reason (a str) for a reading that fails."""
+class _Failed(NamedTuple):
+    """A reading the model failed on: why, and the model version it was given to."""
+
+    reason: str
+    version: int
+
+
+def _observe(
+    model: SensorModel, observe: Callable[[Any, Any], Any], ts: Any, values: Any
+) -> list[Any]:
+    """One :data:`_Out` per reading, or an error reason (a str) for a reading that fails.
+
+    ``observe`` is the model's ``observe`` (``ts`` and ``values`` arrays) or
+    ``observe_lists`` (plain lists).
+    """
     try:
-        return _rows(model, model.observe(ts, values), len(ts))
+        return _rows(model, observe(ts, values), len(ts))
     except Exception:
         if len(ts) == 1:
             raise
@@ -175,24 +182,20 @@ def _observe(model: SensorModel, ts: np.ndarray, values: np.ndarray) -> list[Any
     rows: list[Any] = []
     for k in range(len(ts)):
         try:
-            rows.extend(_rows(model, model.observe(ts[k : k + 1], values[k : k + 1]), 1))
+            rows.extend(_rows(model, observe(ts[k : k + 1], values[k : k + 1]), 1))
         except Exception as exc:
             rows.append(_reason(exc))
     return rows
 
 
-_Out = tuple[Any, float, bool, Explanation, "list[Any] | None", int]
-"""(forecast, score, flag, explanation, alarm events or None, version that scored it)."""
-
-
 def _rows(model: SensorModel, obs: Any, k: int) -> list[_Out]:
-    explanation = obs.explanation if obs.explanation is not None else [()] * k
-    versions = obs.versions if obs.versions is not None else [model.version] * k
-    alarms: list[list[Any] | None] = [None] * k
+    explanation = obs.explanation if obs.explanation is not None else repeat((), k)
+    versions = obs.versions if obs.versions is not None else repeat(model.version, k)
+    alarms: Any = repeat(None, k)
     if obs.alarms is not None:
-        alarms = [[] for _ in range(k)]
+        alarms = [()] * k
         for row, event in obs.alarms:
-            alarms[row].append(event)
+            alarms[row] = (*alarms[row], event)
     return list(
         zip(
             _list(obs.forecast),
@@ -201,13 +204,15 @@ def _rows(model: SensorModel, obs: Any, k: int) -> list[_Out]:
             explanation,
             alarms,
             versions,
+            repeat(model.channels, k),
             strict=True,
         )  # fmt: skip
     )
 
 
-def _list(column: Any) -> list[Any]:
-    return column.tolist() if isinstance(column, np.ndarray) else list(column)
+def _list(column: Any) -> Any:
+    """A column of an :class:`Observation` as a sequence of Python values."""
+    return column.tolist() if isinstance(column, np.ndarray) else column
 
 
 def _reason(exc: BaseException) -> str:
@@ -227,7 +232,12 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     for i, r in enumerate(readings):
         by_sensor.setdefault(r.sensor_id, []).append(i)
 
-    rows = [_Row() for _ in readings]
+    # By reading: what the model said of it (an _Out or a _Failed); a model frame for a fit
+    # the model did not place (it reports no per-row versions); the model and alarm messages
+    # it caused, published right after it.
+    said: list[Any] = [None] * len(readings)
+    before: dict[int, list[wire.Body]] = {}
+    after: dict[int, list[wire.Body]] = {}
     swaps: list[tuple[str, int]] = []
     fit_seconds: list[float] = []
     fit_failures = 0
@@ -236,54 +246,67 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
         for run in _runs(readings, indices):
             channels = readings[run[0]].channels
             model = _model_for(sensor_id, channels, resume=not replay)
-            ts = np.array([readings[i].ts for i in run], dtype=np.float64)
-            if channels == model.channels:
-                values = np.array([readings[i].values for i in run], dtype=np.float64)
+            aligned = channels == model.channels
+            observe: Callable[[Any, Any], Any]
+            if _takes_lists:
+                observe = cast(ListObserver, model).observe_lists
+                ts: Any = [readings[i].ts for i in run]
+                if aligned:
+                    values: Any = [list(readings[i].values) for i in run]
+                else:
+                    values = [list(_aligned(readings[i], model.channels)) for i in run]
             else:
-                values = np.array(
-                    [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
-                )
+                observe = model.observe
+                ts = np.array([readings[i].ts for i in run], dtype=np.float64)
+                if aligned:
+                    values = np.array([readings[i].values for i in run], dtype=np.float64)
+                else:
+                    values = np.array(
+                        [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
+                    )
             version = model.version
             try:
-                scored = _observe(model, ts, values)
+                scored = _observe(model, observe, ts, values)
             except Exception as exc:
                 scored = [_reason(exc)] * len(run)
-            previous: _Row | None = None
+            # The run's previous reading (-1: none yet), and the ts a model frame placed after
+            # it carries: the reading's own once it scored, 0.0 when the model failed on it.
+            previous, previous_ts = -1, 0.0
             for i, out in zip(run, scored, strict=True):
-                row = rows[i]
-                row.channels = model.channels
                 if isinstance(out, str):
-                    row.error, row.version = out, version
-                    previous = row
+                    said[i] = _Failed(out, version)
+                    previous, previous_ts = i, 0.0
                     continue
-                row.forecast, row.score, row.flag, row.explanation, events, row.version = out
-                if row.version != version:
+                said[i] = out
+                _, score, flag, explanation, events, scored_by, _ = out
+                if scored_by != version:
                     # Refitted after the previous reading: its frame follows that one.
-                    swaps.append((sensor_id, row.version))
+                    version = scored_by
+                    swaps.append((sensor_id, version))
                     if not replay:
-                        if previous is not None:
-                            previous.after.append(_model_message(sensor_id, row.version, previous))
+                        if previous >= 0:
+                            message = _model_message(sensor_id, version, previous_ts)
+                            after.setdefault(previous, []).append(message)
                         else:
-                            row.before.append(
-                                _model_message(sensor_id, row.version, row, readings[i].ts)
-                            )
-                    version = row.version
+                            message = _model_message(sensor_id, version, readings[i].ts)
+                            before[i] = [message]
                 if events is None:
-                    events = _track(sensor_id, readings[i].ts, row)
-                if not replay:
+                    events = _track(sensor_id, readings[i].ts, score, flag, explanation)
+                if events and not replay:
+                    messages = after.setdefault(i, [])
                     for event in events:
                         raised += event.state == "raised"
                         cleared += event.state == "cleared"
-                        row.after.append(
+                        messages.append(
                             ("alarm", sensor_id, True, wire.alarm_body(sensor_id, event))
                         )
-                row.ts = readings[i].ts
-                previous = row
+                previous, previous_ts = i, readings[i].ts
             if model.version != version:
                 # Refitted after the run's last reading.
                 swaps.append((sensor_id, model.version))
-                if previous is not None and not replay:
-                    previous.after.append(_model_message(sensor_id, model.version, previous))
+                if previous >= 0 and not replay:
+                    message = _model_message(sensor_id, model.version, previous_ts)
+                    after.setdefault(previous, []).append(message)
         fit_seconds.extend(_drain_fits(_models[sensor_id]))
         fit_failures += _drain_failures(_models[sensor_id])
     if replay:
@@ -293,48 +316,51 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     stamps: dict[float, datetime] = {}
     bodies: list[wire.Body] = []
     anomalies = 0
-    for r, row in zip(readings, rows, strict=True):
-        if row.error is not None:
+    for i, (r, out) in enumerate(zip(readings, said, strict=True)):
+        if isinstance(out, _Failed):
             body = wire.prediction_body(
-                r, "error", row.version, predicted_at, reason=row.error, stamps=stamps
+                r, "error", out.version, predicted_at, reason=out.reason, stamps=stamps
             )
             anomaly = False
-        elif row.score != row.score:  # NaN: still warming up
-            body = wire.prediction_body(r, "warming_up", row.version, predicted_at, stamps=stamps)
-            anomaly = False
         else:
-            anomaly = bool(row.flag)
-            anomalies += anomaly
-            body = wire.prediction_body(
-                r, "ok", row.version, predicted_at,
-                forecast=dict(zip(row.channels, row.forecast or (), strict=True)),
-                score=row.score, is_anomaly=anomaly,
-                explanation=row.explanation if anomaly else (), stamps=stamps,
-            )  # fmt: skip
-        if row.before:
-            bodies.extend(row.before)
+            forecast, score, flag, explanation, _, version, channels = out
+            if score != score:  # NaN: still warming up
+                body = wire.prediction_body(r, "warming_up", version, predicted_at, stamps=stamps)
+                anomaly = False
+            else:
+                anomaly = bool(flag)
+                anomalies += anomaly
+                body = wire.prediction_body(
+                    r, "ok", version, predicted_at,
+                    forecast=dict(zip(channels, forecast or (), strict=True)),
+                    score=score, is_anomaly=anomaly,
+                    explanation=explanation if anomaly else (), stamps=stamps,
+                )  # fmt: skip
+        if i in before:
+            bodies.extend(before[i])
         bodies.append(("prediction", r.sensor_id, anomaly, body))
-        if row.after:
-            bodies.extend(row.after)
+        if i in after:
+            bodies.extend(after[i])
     return wire.BatchOutcome(
         wire.encode_batch(bodies), len(bodies), len(readings), anomalies, tuple(swaps),
         raised, cleared, tuple(fit_seconds), fit_failures,
     )  # fmt: skip
 
 
-def _model_message(sensor_id: str, version: int, row: _Row, ts: float | None = None) -> wire.Body:
-    ts = row.ts if ts is None else ts
+def _model_message(sensor_id: str, version: int, ts: float) -> wire.Body:
     return ("model", sensor_id, False, wire.model_body(sensor_id, version, ts))
 
 
-def _track(sensor_id: str, ts: float, row: _Row) -> list[Any]:
+def _track(
+    sensor_id: str, ts: float, score: float, flag: bool, explanation: Explanation
+) -> list[Any]:
     """Alarm events from the service's own tracker, for a model that tracks none itself."""
-    if row.score != row.score:  # NaN while warming up: no judgement yet
+    if score != score:  # NaN while warming up: no judgement yet
         return []
     tracker = _trackers.get(sensor_id)
     if tracker is None:
         tracker = _trackers[sensor_id] = AlarmTracker(sensor_id, _options.alarms)
-    event = tracker.update(ts, row.score, row.flag, row.explanation)
+    event = tracker.update(ts, score, flag, explanation)
     return [] if event is None else [event]
 
 
