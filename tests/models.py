@@ -18,3 +18,18 @@ class Poisoned(RollingZScore):
         if (values == POISON).any():
             os.kill(os.getpid(), signal.SIGKILL)
         return super().observe(ts, values)
+
+
+FAILS = 13.0
+REFITS = 12.0
+
+
+class RefitsThenFails(RollingZScore):
+    """Raises on the value 13 (a reading the model cannot take) and counts the value 12 as a
+    refit (its version goes up), for the model frames around a failed reading."""
+
+    def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
+        if (values == FAILS).any():
+            raise ValueError("cannot take 13")
+        self.version += int((values == REFITS).sum())
+        return super().observe(ts, values)

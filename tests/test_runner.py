@@ -12,11 +12,11 @@ from typing import Any
 import msgspec
 
 from app.models.base import ModelOptions
-from app.pipeline import wire
+from app.pipeline import shard, wire
 from app.pipeline.runner import ProcessSpec, ShardRunner
 from app.schemas import Reading
 from app.simulate import SensorSim
-from tests.models import POISON
+from tests.models import FAILS, POISON, REFITS
 
 RIDGE = "app.models.ridge:RidgeForecaster"
 VOLATILE = ("ingested_at", "predicted_at", "swapped_at")
@@ -102,6 +102,25 @@ async def test_a_poison_reading_is_isolated_by_bisection() -> None:
     assert len(statuses) == 300 and statuses["137"] == "error"
     assert all(status != "error" for i, status in statuses.items() if i != "137")
     assert messages([later])[0][1]["status"] == "ok"
+
+
+def test_a_model_frame_after_a_failed_reading_carries_its_ts() -> None:
+    """A model refitted on the reading after one it failed on: the model frame comes right
+    after the failed reading's error prediction, with that reading's ``ts``."""
+    shard.init_process("tests.models:RefitsThenFails", ModelOptions(warmup_readings=100))
+    values = (1.0, 2.0, FAILS, REFITS, 3.0)
+    data = [Reading("f", str(i), 1e9 + i, ("value",), (v,), 0.0) for i, v in enumerate(values)]
+    outcome = shard.run_batch(wire.encode_readings(data))
+    out = messages([outcome])
+    kinds = [(kind, f.get("id"), f.get("status")) for kind, f in out]
+    assert kinds == [
+        ("prediction", "0", "warming_up"), ("prediction", "1", "warming_up"),
+        ("prediction", "2", "error"), ("model", None, None),
+        ("prediction", "3", "warming_up"), ("prediction", "4", "warming_up"),
+    ]  # fmt: skip
+    model = out[3][1]
+    assert model["model_version"] == 1
+    assert model["ts"] == out[2][1]["ts"] == "2001-09-09T01:46:42Z"
 
 
 async def test_calls_queued_during_a_recovery_run_after_it_in_order() -> None:

@@ -269,13 +269,13 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                 scored = _observe(model, observe, ts, values)
             except Exception as exc:
                 scored = [_reason(exc)] * len(run)
-            # The run's previous reading (-1: none yet), and the ts a model frame placed after
-            # it carries: the reading's own once it scored, 0.0 when the model failed on it.
-            previous, previous_ts = -1, 0.0
+            # The run's previous reading (-1: none yet); a model frame placed after it carries
+            # its ts, whether the model scored it or failed on it.
+            previous = -1
             for i, out in zip(run, scored, strict=True):
                 if isinstance(out, str):
                     said[i] = _Failed(out, version)
-                    previous, previous_ts = i, 0.0
+                    previous = i
                     continue
                 said[i] = out
                 _, score, flag, explanation, events, scored_by, _ = out
@@ -285,7 +285,7 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                     swaps.append((sensor_id, version))
                     if not replay:
                         if previous >= 0:
-                            message = _model_message(sensor_id, version, previous_ts)
+                            message = _model_message(sensor_id, version, readings[previous].ts)
                             after.setdefault(previous, []).append(message)
                         else:
                             message = _model_message(sensor_id, version, readings[i].ts)
@@ -300,12 +300,12 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                         messages.append(
                             ("alarm", sensor_id, True, wire.alarm_body(sensor_id, event))
                         )
-                previous, previous_ts = i, readings[i].ts
+                previous = i
             if model.version != version:
                 # Refitted after the run's last reading.
                 swaps.append((sensor_id, model.version))
                 if previous >= 0 and not replay:
-                    message = _model_message(sensor_id, model.version, previous_ts)
+                    message = _model_message(sensor_id, model.version, readings[previous].ts)
                     after.setdefault(previous, []).append(message)
         fit_seconds.extend(_drain_fits(_models[sensor_id]))
         fit_failures += _drain_failures(_models[sensor_id])
