@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from app.backends.memory import MemoryBackend
 from app.config import SlowClientPolicy
 from app.pipeline.hub import MESSAGE_OVERHEAD, History, PredictionHub, SensorFilter, Subscriber
-from app.pipeline.wire import Message, text_frames
+from app.pipeline.wire import BATCH_MAX_ITEMS, Message, client_frames, text_frames
 
 
 def messages(first: int, count: int, sensors: int = 3) -> list[Message]:
@@ -231,3 +231,24 @@ async def test_a_new_epoch_reaches_every_subscriber_as_a_gap_in_order(
             "reason": "epoch_changed", "since": 30, "from_seq": 25,
         }  # fmt: skip
     assert resumed.gap is None and [m.seq for m in resumed.replay] == [27, 28, 29]
+
+
+def test_batch_frames_split_runs_of_predictions_at_other_messages_and_at_the_size_cap() -> None:
+    """``batch=true``: predictions go out in ``predictions`` frames of at most
+    BATCH_MAX_ITEMS, a run ending at each model or alarm message, which goes out on its own
+    in between; each frame names the seq of its last message."""
+    cap = BATCH_MAX_ITEMS
+    kinds = ["prediction"] * (cap + 3) + ["model", "alarm"] + ["prediction"] * 2 + ["model"]
+    ms = [Message(seq, kind, "a", False, f'{{"n":{seq}}}') for seq, kind in enumerate(kinds, 1)]
+    out = list(client_frames(ms, batch=True))
+    assert [seq for _, seq in out] == [cap, cap + 3, cap + 4, cap + 5, cap + 7, cap + 8]
+    first = json.loads(out[0][0])
+    assert first["type"] == "predictions" and [x["n"] for x in first["items"]] == list(
+        range(1, cap + 1)
+    )
+    assert [x["n"] for x in json.loads(out[1][0])["items"]] == [cap + 1, cap + 2, cap + 3]
+    assert out[2][0] == ms[cap + 3].frame and out[3][0] == ms[cap + 4].frame
+    assert [x["n"] for x in json.loads(out[4][0])["items"]] == [cap + 6, cap + 7]
+    assert out[5][0] == ms[-1].frame
+    assert list(client_frames([], batch=True)) == []
+    assert list(client_frames(ms[:2], batch=False)) == [(ms[0].frame, 1), (ms[1].frame, 2)]

@@ -249,9 +249,15 @@ def unpack_batch(payload: bytes) -> list[Body]:
 
 def frames(first_seq: int, bodies: list[Body], epoch: str) -> list[Message]:
     """Number ``bodies`` from ``first_seq`` and make their frames."""
-    head = '{"type":"%s","seq":%d,"epoch":"' + epoch + '",'
+    tail = ',"epoch":"' + epoch + '",'
     return [
-        Message(seq, kind, sensor_id, is_anomaly, head % (kind, seq) + body[1:].decode())
+        Message(
+            seq,
+            kind,
+            sensor_id,
+            is_anomaly,
+            f'{{"type":"{kind}","seq":{seq}{tail}{body[1:].decode()}',
+        )  # fmt: skip
         for seq, (kind, sensor_id, is_anomaly, body) in enumerate(bodies, first_seq)
     ]
 
@@ -274,21 +280,17 @@ def client_frames(messages: list[Message], batch: bool) -> Iterator[tuple[str, i
         for m in messages:
             yield m.frame, m.seq
         return
-    run: list[str] = []
-    run_last = 0
-    for m in messages:
-        if m.kind == "prediction":
-            run.append(m.frame)
-            run_last = m.seq
-            if len(run) < BATCH_MAX_ITEMS:
-                continue
-        if run:
-            yield _predictions_frame(run), run_last
-            run = []
-        if m.kind != "prediction":
-            yield m.frame, m.seq
-    if run:
-        yield _predictions_frame(run), run_last
+    # Runs of predictions between the other messages, in frames of at most BATCH_MAX_ITEMS.
+    end = len(messages)
+    start = 0
+    for stop in [*(i for i, m in enumerate(messages) if m.kind != "prediction"), end]:
+        for first in range(start, stop, BATCH_MAX_ITEMS):
+            last = min(first + BATCH_MAX_ITEMS, stop) - 1
+            run = [m.frame for m in messages[first : last + 1]]
+            yield _predictions_frame(run), messages[last].seq
+        if stop < end:
+            yield messages[stop].frame, messages[stop].seq
+        start = stop + 1
 
 
 def _predictions_frame(items: list[str]) -> str:
@@ -302,18 +304,18 @@ def text_frames(texts: Iterable[str]) -> bytes:
         >>> text_frames(["hi", "x" * 200])[:4], len(text_frames(["x" * 70_000]))
         (b'\\x81\\x02hi', 70010)
     """
-    out = bytearray()
+    parts: list[bytes] = []
     for text in texts:
         data = text.encode()
         size = len(data)
         if size < 126:
-            out += _HEADS[size]
+            parts.append(_HEADS[size])
         elif size < 65536:
-            out += b"\x81\x7e" + size.to_bytes(2, "big")
+            parts.append(b"\x81\x7e" + size.to_bytes(2, "big"))
         else:
-            out += b"\x81\x7f" + size.to_bytes(8, "big")
-        out += data
-    return bytes(out)
+            parts.append(b"\x81\x7f" + size.to_bytes(8, "big"))
+        parts.append(data)
+    return b"".join(parts)
 
 
 _HEADS = [bytes((0x81, n)) for n in range(126)]
