@@ -163,9 +163,7 @@ class SensorRegistry:
             )
 
     def touch(self, sensor_ids: Iterable[str], now: float) -> None:
-        seen = self.last_seen
-        for sid in sensor_ids:
-            seen[sid] = now
+        self.last_seen.update(dict.fromkeys(sensor_ids, now))
 
     def admit(self, sensor_ids: list[str], now: float) -> None:
         self.check(sensor_ids)
@@ -288,8 +286,12 @@ class Ingestor:
             per_shard[0] = fresh
         else:
             n = len(self.queues)
+            owners: dict[str, int] = {}  # a request holds several readings of each sensor
             for r in fresh:
-                per_shard[shard_of(r.sensor_id, n)].append(r)
+                owner = owners.get(r.sensor_id)
+                if owner is None:
+                    owner = owners[r.sensor_id] = shard_of(r.sensor_id, n)
+                per_shard[owner].append(r)
         for queue, share in zip(self.queues, per_shard, strict=True):
             if len(share) > queue.free():
                 if len(share) > queue.capacity:
