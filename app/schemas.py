@@ -110,6 +110,10 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
     """Check what the type system cannot and flatten to a :class:`Reading`."""
     if len(item.sensor_id) > limits.max_sensor_id_chars:
         return ItemError(index, "sensor_id", f"at most {limits.max_sensor_id_chars} characters")
+    # The patterns end in ``$``, which Python's ``re`` (and so msgspec) also matches right
+    # before a final newline: "pump-7\n" passes them.
+    if item.sensor_id[-1] == "\n":
+        return ItemError(index, "sensor_id", SENSOR_ID_RULE.format(limits.max_sensor_id_chars))
     rid = item.id
     if rid is not None:
         if len(rid) > limits.max_reading_id_chars:
@@ -133,6 +137,8 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
         channels = tuple(item.values)
         values = tuple(item.values.values())
         for name, v in item.values.items():
+            if name[-1] == "\n":
+                return ItemError(index, f"values.{name[:-1]}\\n", CHANNEL_RULE)
             if not math.isfinite(v):
                 return ItemError(index, f"values.{name}", "must be a finite number")
     ts = item.ts

@@ -79,6 +79,8 @@ async def test_request_larger_than_a_shard_queue_is_413(client: httpx.AsyncClien
         ({"sensor_id": "s", "values": {"a": 1, "b": 2, "c": 3, "d": 4}}, "values", "3 channels"),
         ({"sensor_id": "s" * 25, "value": 1}, "sensor_id", "24 characters"),
         ({"sensor_id": "s" * 129, "value": 1}, "sensor_id", "1 to 24 characters of letters"),
+        ({"sensor_id": "s\n", "value": 1}, "sensor_id", "1 to 24 characters of letters"),
+        ({"sensor_id": "s", "values": {"a\n": 1}}, "values.a\\n", "channel name is 1 to 64"),
         ({"sensor_id": "s", "value": 1, "id": "r" * 11}, "id", "10 characters"),
         ({"sensor_id": "s", "value": 1, "id": "a\x00b"}, "id", "printable"),
         ({"sensor_id": "s", "value": 1, "id": "a\u2028"}, "id", "printable"),
