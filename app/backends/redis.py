@@ -60,7 +60,8 @@ PREDICTIONS_MAXLEN = 100_000
 """Batches kept in the predictions stream (approximate trimming)."""
 
 # KEYS: none (single-node Redis); ARGV: prefix, ttl_s, capacity, nchunks,
-# then per chunk: partition, payload, nkeys, key... ("" for a reading without id).
+# then per chunk: partition, payload, nreadings, keys: "" when no reading has an id, else
+# one line per reading, its dedup key or "" (sensor ids and reading ids hold no newline).
 # Returns {accepted, duplicates} or {-1, 0} when a partition is full.
 _INGEST = """
 local prefix, ttl, cap, nchunks = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -68,25 +69,29 @@ local i = 5
 local chunks, seen, fresh_keys = {}, {}, {}
 local total = 0
 for c = 1, nchunks do
-  local p, payload, nk = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  local mask, fresh = {}, 0
-  for k = 1, nk do
-    local key = ARGV[i]
-    i = i + 1
-    local dup = false
-    if key ~= '' then
-      if seen[key] or redis.call('EXISTS', prefix .. 'dedup:' .. key) == 1 then
-        dup = true
-      else
-        fresh_keys[#fresh_keys + 1] = key
+  local p, payload, n, keys = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  i = i + 4
+  local mask, fresh = nil, 0
+  if keys == '' then
+    mask, fresh = string.rep('0', n), n
+  else
+    local bits = {}
+    for key in string.gmatch(keys .. '\\n', '([^\\n]*)\\n') do
+      local dup = false
+      if key ~= '' then
+        if seen[key] or redis.call('EXISTS', prefix .. 'dedup:' .. key) == 1 then
+          dup = true
+        else
+          fresh_keys[#fresh_keys + 1] = key
+        end
+        seen[key] = true
       end
-      seen[key] = true
+      if dup then bits[#bits + 1] = '1' else bits[#bits + 1] = '0'; fresh = fresh + 1 end
     end
-    if dup then mask[k] = '1' else mask[k] = '0'; fresh = fresh + 1 end
+    mask = table.concat(bits)
   end
-  total = total + nk
-  chunks[c] = {p, payload, table.concat(mask), fresh}
+  total = total + n
+  chunks[c] = {p, payload, mask, fresh}
 end
 for c = 1, nchunks do
   local ch = chunks[c]
@@ -507,8 +512,12 @@ class RedisBackend:
             chunks.setdefault(shard_of(r.sensor_id, partitions), []).append(r)
         args: list[Any] = [self.prefix, int(dedup_ttl_s), capacity, len(chunks)]
         for p, chunk in chunks.items():
-            args += [p, encode_readings(chunk), len(chunk)]
-            args += ["" if r.id is None else f"{r.sensor_id}|{r.id}" for r in chunk]
+            # The keys travel as one argument: one per reading would cost the client about
+            # a microsecond each to pack, on the event loop, for every reading of a request.
+            keys = ""
+            if any(r.id is not None for r in chunk):
+                keys = "\n".join("" if r.id is None else f"{r.sensor_id}|{r.id}" for r in chunk)
+            args += [p, encode_readings(chunk), len(chunk), keys]
         try:
             accepted, duplicates = await asyncio.wait_for(self._admit(args), self.call_timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
