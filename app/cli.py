@@ -181,6 +181,12 @@ def worker(args: argparse.Namespace) -> int:
     from app.worker import run_worker
 
     fix_mmap_threshold()
+    if settings.worker_nice:
+        # Before any thread or process starts: they inherit it.
+        try:
+            os.nice(settings.worker_nice)
+        except OSError:
+            log.warning("cannot lower the worker's priority by %d", settings.worker_nice)
     return asyncio.run(run_worker(settings))
 
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     model_nice: int = Field(10, ge=0, le=19)
     """Added to the model processes' scheduling niceness: on a saturated machine the event
     loop gets a core before the model work does, so the service stays responsive."""
+    worker_nice: int = Field(5, ge=0, le=19)
+    """Added to a ``sensorcast worker``'s scheduling niceness at start (its model processes
+    add ``model_nice`` to it): on a machine it shares with API replicas, their event loops
+    get a core before its own does."""
     executor: ExecutorKind = ExecutorKind.process
     """Benchmarks only: ``thread`` or ``inline`` run the model work in the service process."""
     model: str = "app.models.ridge:RidgeForecaster"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import (
@@ -197,3 +199,35 @@ async def test_a_worker_serves_its_model_stage_metrics(
     assert figures["sensorcast_model_fit_seconds_count"] >= 4  # each sensor's first fit
     assert figures["sensorcast_e2e_latency_seconds_count"] >= 1
     assert figures["sensorcast_published_messages_total"] >= 400
+
+
+def test_a_worker_and_its_model_processes_run_at_lower_priorities(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """``worker_nice`` lowers a worker's priority (its API replicas' loops come first on a
+    shared machine), and ``model_nice`` its model processes' further."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    env = {
+        "SENSORCAST_BACKEND": redis_server.url,
+        "SENSORCAST_WORKER_NICE": "3",
+        "SENSORCAST_MODEL_NICE": "2",
+    }
+    worker = start_worker(tmp_path, {**env, "SENSORCAST_WORKERS": "2"})
+    try:
+        proc = psutil.Process(worker.pid)
+        # The model processes are forked by the pool's fork server, the worker's child.
+        deadline = time.monotonic() + 60
+        while len(models := _grandchildren(proc)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(models) == 2, "the worker started its two model processes"
+        assert proc.nice() == min(19, base + 3)
+        assert [p.nice() for p in models] == [min(19, base + 5)] * 2
+    finally:
+        stop_process(worker)
+
+
+def _grandchildren(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [g for child in proc.children() for g in child.children()]
+    except psutil.NoSuchProcess:
+        return []
