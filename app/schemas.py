@@ -29,18 +29,18 @@ MAX_EPOCH_S = 1e11
 # Longer integer literals would hit Python's int-from-string digit limit (a ValueError).
 _MAX_INT_DIGITS = 300
 
-SensorId = Annotated[str, msgspec.Meta(pattern=SENSOR_ID_PATTERN)]
-ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_PATTERN)]
 ReadingId = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 Rfc3339 = Annotated[datetime, msgspec.Meta(tz=True)]
-Channels = Annotated[dict[ChannelName, float], msgspec.Meta(min_length=1, max_length=MAX_CHANNELS)]
+# Sensor ids and channel names are matched against their patterns in _normalise, not by
+# msgspec (see _Names); reading_schema states the patterns.
+Channels = Annotated[dict[str, float], msgspec.Meta(min_length=1, max_length=MAX_CHANNELS)]
 VALUE_CHANNELS: tuple[str, ...] = ("value",)
 
 
 class ReadingIn(msgspec.Struct, forbid_unknown_fields=True):
     """One reading as a sensor sends it."""
 
-    sensor_id: SensorId
+    sensor_id: str
     ts: Rfc3339 | float | None = None
     value: float | None = None
     values: Channels | None = None
@@ -108,12 +108,10 @@ _ndjson_line = msgspec.json.Decoder(ReadingIn)
 
 def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Reading | ItemError:
     """Check what the type system cannot and flatten to a :class:`Reading`."""
+    if not _SENSOR_IDS.ok(item.sensor_id):
+        return ItemError(index, "sensor_id", SENSOR_ID_RULE.format(limits.max_sensor_id_chars))
     if len(item.sensor_id) > limits.max_sensor_id_chars:
         return ItemError(index, "sensor_id", f"at most {limits.max_sensor_id_chars} characters")
-    # The patterns end in ``$``, which Python's ``re`` (and so msgspec) also matches right
-    # before a final newline: "pump-7\n" passes them.
-    if item.sensor_id[-1] == "\n":
-        return ItemError(index, "sensor_id", SENSOR_ID_RULE.format(limits.max_sensor_id_chars))
     rid = item.id
     if rid is not None:
         if len(rid) > limits.max_reading_id_chars:
@@ -137,8 +135,8 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
         channels = tuple(item.values)
         values = tuple(item.values.values())
         for name, v in item.values.items():
-            if name[-1] == "\n":
-                return ItemError(index, f"values.{name[:-1]}\\n", CHANNEL_RULE)
+            if not _CHANNELS.ok(name):
+                return ItemError(index, f"values.{_shown(name)}", CHANNEL_RULE)
             if not math.isfinite(v):
                 return ItemError(index, f"values.{name}", "must be a finite number")
     ts = item.ts
@@ -159,33 +157,63 @@ def _normalise(index: int, item: ReadingIn, now: float, limits: Limits) -> Readi
 _NAME_CHARS = "letters, digits, '_', '.', ':' or '-'"
 SENSOR_ID_RULE = "1 to {} characters of " + _NAME_CHARS
 CHANNEL_RULE = f"a channel name is 1 to 64 characters of {_NAME_CHARS}"
-_CHANNEL_OK = re.compile(CHANNEL_PATTERN)
 
 
-def _in_words(
-    raw: dict[str, Any], field: str, reason: str, max_id_chars: int = 128
-) -> tuple[str, str]:
-    """Restate msgspec's error on an item as the contract names it: a channel as
-    ``values.<name>`` and a pattern as the rule in words, not a regex.
+class _Names:
+    """Names matched against a pattern, each once: a sensor sends its id with every reading,
+    and matching a regex costs more than all the rest of a reading's parse. The names that
+    matched are remembered, up to ``keep`` of them (then forgotten all at once).
+
+    ``fullmatch``: the patterns end in ``$``, which ``re`` also matches before a final
+    newline, so a search would take ``"pump-7\\n"``.
 
     Examples:
-        >>> _in_words({"values": {"ok": 1, "bad name": 2}}, "key` in `$.values", "regex")
-        ('values.bad name', "a channel name is 1 to 64 characters of letters, digits, '_', '.', ':' or '-'")
-        >>> _in_words({"values": {"flow": "high"}}, "values[...]", "Expected `float`")
+        >>> names = _Names(SENSOR_ID_PATTERN)
+        >>> names.ok("pump-7"), names.ok("pump-7"), names.ok("pump 7"), names.ok("pump-7\\n")
+        (True, True, False, False)
+    """
+
+    def __init__(self, pattern: str, keep: int = 65_536) -> None:
+        self.match = re.compile(pattern).fullmatch
+        self.known: set[str] = set()
+        self.keep = keep
+
+    def ok(self, name: str) -> bool:
+        if name in self.known:
+            return True
+        if self.match(name) is None:
+            return False
+        if len(self.known) >= self.keep:
+            self.known.clear()
+        self.known.add(name)
+        return True
+
+
+_SENSOR_IDS = _Names(SENSOR_ID_PATTERN)
+_CHANNELS = _Names(CHANNEL_PATTERN)
+
+
+def _shown(name: str) -> str:
+    """A name as an error shows it: control characters escaped, at most 80 characters."""
+    escaped = name.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= 80 else escaped[:77] + "..."
+
+
+def _in_words(raw: dict[str, Any], field: str, reason: str) -> tuple[str, str]:
+    """Restate msgspec's error on an item as the contract names it: a channel's value as
+    ``values.<name>``.
+
+    Examples:
+        >>> _in_words({"values": {"ok": 1, "flow": "high"}}, "values[...]", "Expected `float`")
         ('values.flow', 'must be a number, not a string')
-        >>> _in_words({"sensor_id": "a b"}, "sensor_id", "Expected `str` matching regex ...")
-        ('sensor_id', "1 to 128 characters of letters, digits, '_', '.', ':' or '-'")
-    """  # noqa: E501
+        >>> _in_words({"sensor_id": 7}, "sensor_id", "Expected `str`, got `int`")
+        ('sensor_id', 'Expected `str`, got `int`')
+    """
     channels = raw.get("values")
-    if field.startswith(("values[", "key` in `$.values")) and isinstance(channels, dict):
+    if field.startswith("values[") and isinstance(channels, dict):
         for name, value in channels.items():
-            if not _CHANNEL_OK.match(name):
-                shown = name if len(name) <= 80 else name[:77] + "..."
-                return f"values.{shown}", CHANNEL_RULE
             if isinstance(value, bool) or not isinstance(value, int | float):
-                return f"values.{name}", f"must be a number, not {_json_kind(value)}"
-    if field == "sensor_id" and "regex" in reason:
-        return field, SENSOR_ID_RULE.format(max_id_chars)
+                return f"values.{_shown(name)}", f"must be a number, not {_json_kind(value)}"
     return field, reason
 
 
@@ -233,7 +261,7 @@ def _slow_path(items: list[Any], now: float, limits: Limits) -> list[Reading]:
         try:
             item = msgspec.convert(raw, ReadingIn, strict=True)
         except msgspec.ValidationError as exc:
-            field, reason = _in_words(raw, *_field_of(exc), limits.max_sensor_id_chars)
+            field, reason = _in_words(raw, *_field_of(exc))
             errors.append(ItemError(index, field, reason))
             continue
         result = _normalise(index, item, now, limits)
@@ -396,6 +424,8 @@ def reading_schema() -> dict[str, Any]:
     properties = reading["properties"]
     properties["ts"]["anyOf"][1].update(minimum=0, maximum=MAX_EPOCH_S)
     properties["id"]["anyOf"][0]["pattern"] = r"^[^\u0000-\u001f\u007f]*$"
+    properties["sensor_id"]["pattern"] = SENSOR_ID_PATTERN
+    properties["values"]["anyOf"][0]["propertyNames"] = {"pattern": CHANNEL_PATTERN}
     # Exactly one of value or values (a null one counts as absent, as in _normalise).
     null = {"type": "null"}
     reading["oneOf"] = [
