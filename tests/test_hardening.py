@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
+from app.edge import _OneWrite
 from bench.hardening import tree_rss
 from tests.conftest import (
     Server,
@@ -626,3 +627,40 @@ async def _wait_total(http: httpx.AsyncClient, total: int) -> None:
     while (await http.get("/v1/sensors", params={"limit": 1})).json()["total"] < total:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+
+
+class _Recording:
+    """A transport that records what is written to it and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_an_ingest_response_goes_out_in_one_write() -> None:
+    """The status line and headers wait for the body and go out with it; a 100 Continue
+    goes out at once; closing writes a held head first."""
+    raw = _Recording()
+    out = _OneWrite(raw)  # type: ignore[arg-type]
+    out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    out.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n")
+    assert raw.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    out.write(b"{}")
+    assert raw.writes[1:] == [b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}"]
+    out.write(b"more")  # anything after goes straight through
+    assert raw.writes[2:] == [b"more"]
+    broken = _Recording()
+    cut = _OneWrite(broken)  # type: ignore[arg-type]
+    cut.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    cut.close()
+    assert broken.writes == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and broken.closed
+    assert cut.is_closing()
