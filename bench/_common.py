@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import math
 import os
@@ -129,6 +130,39 @@ def free_port() -> int:
         s.bind((HOST, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def websocket_handshake(
+    port: int,
+    path_and_query: str = "/v1/ws/predictions",
+    *,
+    host: str | None = None,
+    rcvbuf: int | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Open a connection to ``HOST:port`` and send a WebSocket opening handshake on a plain
+    socket; returns the streams and the response head (status line and headers), whatever
+    the status, for a peer that then does only what its caller decides.
+
+    ``host`` is the Host header (``HOST:port`` by default); ``rcvbuf`` shrinks the socket's
+    receive buffer, set before connecting so that the TCP window stays small.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET {path_and_query} HTTP/1.1\r\nHost: {host or f'{HOST}:{port}'}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    return reader, writer, head
 
 
 @dataclass

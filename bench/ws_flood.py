@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +35,16 @@ from typing import Any
 
 import httpx
 
-from bench._common import HOST, ROOT, Results, Server, _running, free_port, paced_posts
+from bench._common import (
+    HOST,
+    ROOT,
+    Results,
+    Server,
+    _running,
+    free_port,
+    paced_posts,
+    websocket_handshake,
+)
 
 TARGET_HEALTHZ_P99_MS = 100
 BODY_READINGS = 10
@@ -62,20 +69,7 @@ def service_at(root: Path, **settings: str) -> Iterator[Server]:
 
 async def silent_ws(port: int) -> tuple[asyncio.StreamWriter, int]:
     """A WebSocket that completes its handshake and never reads again; its HTTP status."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /v1/ws/predictions HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    _, writer, head = await websocket_handshake(port, rcvbuf=4096, timeout_s=30)
     # The stream would otherwise read up to its 64 KiB limit into this process.
     transport = writer.transport
     assert isinstance(transport, asyncio.ReadTransport)

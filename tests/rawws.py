@@ -7,13 +7,13 @@ decide whether it ever reads or answers pings, which a library client does by it
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from bench._common import websocket_handshake
 
 
 @dataclass
@@ -45,25 +45,16 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, path_and_query: str, rcvbuf: int | None = None) -> RawClient:
-        """Complete the opening handshake; ``rcvbuf`` shrinks the socket's receive buffer
-        (set before connecting, so the TCP window stays small)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
+    async def connect(
+        cls, port: int, path_and_query: str, rcvbuf: int | None = None, host: str | None = None
+    ) -> RawClient:
+        """Complete the opening handshake (see :func:`bench._common.websocket_handshake`);
+        ConnectionError with the response head when it is refused."""
+        reader, writer, head = await websocket_handshake(
+            port, path_and_query, host=host, rcvbuf=rcvbuf
         )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         if not head.startswith(b"HTTP/1.1 101"):
+            writer.close()
             raise ConnectionError(head.decode(errors="replace"))
         return cls(reader, writer)
 

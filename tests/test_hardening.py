@@ -235,19 +235,7 @@ async def test_untrusted_host_is_refused(edge_server: Server) -> None:
 async def _raw_ws(port: int, host: str, extra: str = "") -> RawClient:
     """A raw WebSocket handshake with the given Host; ConnectionError with the response head
     when refused."""
-    reader, writer = await _open(port)
-    writer.write(
-        (
-            f"GET /v1/ws/predictions{extra} HTTP/1.1\r\nHost: {host}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    if not head.startswith(b"HTTP/1.1 101"):
-        writer.close()
-        raise ConnectionError(head.decode(errors="replace"))
-    return RawClient(reader, writer)
+    return await RawClient.connect(port, f"/v1/ws/predictions{extra}", host=host)
 
 
 # -- subscribers and connections ---------------------------------------------------------------
