@@ -246,24 +246,19 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
         for run in _runs(readings, indices):
             channels = readings[run[0]].channels
             model = _model_for(sensor_id, channels, resume=not replay)
-            aligned = channels == model.channels
+            ts: Any = [readings[i].ts for i in run]
+            if channels == model.channels:
+                rows = [readings[i].values for i in run]
+            else:
+                rows = [_aligned(readings[i], model.channels) for i in run]
             observe: Callable[[Any, Any], Any]
+            values: Any
             if _takes_lists:
                 observe = cast(ListObserver, model).observe_lists
-                ts: Any = [readings[i].ts for i in run]
-                if aligned:
-                    values: Any = [list(readings[i].values) for i in run]
-                else:
-                    values = [list(_aligned(readings[i], model.channels)) for i in run]
+                values = [list(row) for row in rows]
             else:
                 observe = model.observe
-                ts = np.array([readings[i].ts for i in run], dtype=np.float64)
-                if aligned:
-                    values = np.array([readings[i].values for i in run], dtype=np.float64)
-                else:
-                    values = np.array(
-                        [_aligned(readings[i], model.channels) for i in run], dtype=np.float64
-                    )
+                ts, values = np.array(ts, dtype=np.float64), np.array(rows, dtype=np.float64)
             version = model.version
             try:
                 scored = _observe(model, observe, ts, values)
