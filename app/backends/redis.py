@@ -49,7 +49,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from app.backends.base import Numbered
-from app.pipeline.routing import shard_of
+from app.pipeline.routing import split_by_shard
 from app.pipeline.wire import decode_readings, encode_readings
 from app.schemas import Reading
 
@@ -507,11 +507,9 @@ class RedisBackend:
         Raises:
             RedisUnavailable: Redis did not answer within the timeout.
         """
-        chunks: dict[int, list[Reading]] = {}
-        for r in readings:
-            chunks.setdefault(shard_of(r.sensor_id, partitions), []).append(r)
+        chunks = [(p, c) for p, c in enumerate(split_by_shard(readings, partitions)) if c]
         args: list[Any] = [self.prefix, int(dedup_ttl_s), capacity, len(chunks)]
-        for p, chunk in chunks.items():
+        for p, chunk in chunks:
             # The keys travel as one argument: one per reading would cost the client about
             # a microsecond each to pack, on the event loop, for every reading of a request.
             keys = ""

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
-from app.pipeline.routing import shard_of
+from app.pipeline.routing import split_by_shard
 from app.schemas import Reading, TooLarge
 
 log = logging.getLogger(__name__)
@@ -281,17 +281,7 @@ class Ingestor:
                     continue
                 keys.add(key)
             fresh.append(r)
-        per_shard: list[list[Reading]] = [[] for _ in self.queues]
-        if len(self.queues) == 1:
-            per_shard[0] = fresh
-        else:
-            n = len(self.queues)
-            owners: dict[str, int] = {}  # a request holds several readings of each sensor
-            for r in fresh:
-                owner = owners.get(r.sensor_id)
-                if owner is None:
-                    owner = owners[r.sensor_id] = shard_of(r.sensor_id, n)
-                per_shard[owner].append(r)
+        per_shard = split_by_shard(fresh, len(self.queues))
         for queue, share in zip(self.queues, per_shard, strict=True):
             if len(share) > queue.free():
                 if len(share) > queue.capacity:

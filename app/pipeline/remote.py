@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ from app.backends.redis import NotReplicated, RedisBackend, RedisUnavailable
 from app.config import Settings
 from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import Overloaded, SensorRegistry, sweep_idle
-from app.pipeline.routing import shard_of
+from app.pipeline.routing import split_by_shard
 from app.schemas import Reading, TooLarge
 
 
@@ -74,9 +73,7 @@ class RemoteIngest:
         ids = [r.sensor_id for r in readings]
         self.registry.check(ids)
         if len(readings) > self.settings.queue_max_readings:
-            largest = max(
-                Counter(shard_of(r.sensor_id, self.settings.partitions) for r in readings).values()
-            )
+            largest = max(map(len, split_by_shard(readings, self.settings.partitions)))
             if largest > self.settings.queue_max_readings:
                 raise TooLarge(
                     f"{largest} readings for one partition; its whole queue holds "
