@@ -46,6 +46,8 @@ _WIRE_DUMPS = ("< ", "> ")
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Fields a record may carry through ``extra=`` that JSON lines show as their own keys.
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
+_ACCESS_MESSAGE = "%s %s %d %.2fms"
+"""An access line's message: method, path, status, duration in ms."""
 
 
 def redact(text: str) -> str:
@@ -126,10 +128,13 @@ class TextFormatter(logging.Formatter):
         self, created: float, method: str, path: str, status: int, ms: float, rid: str
     ) -> str:
         """What :meth:`format` makes of an access record (see :func:`_log_access`)."""
-        return (
-            f"{_clock(created, self._second)} INFO    app.access: "
-            f"{method} {path} {status} {ms:.2f}ms [{rid}]"
-        )
+        line = _TEXT_FORMAT % {
+            "asctime": _clock(created, self._second),
+            "levelname": "INFO",
+            "name": access_log.name,
+            "message": _ACCESS_MESSAGE % (method, path, status, ms),
+        }
+        return f"{line} [{rid}]"
 
 
 class JsonFormatter(logging.Formatter):
@@ -137,39 +142,47 @@ class JsonFormatter(logging.Formatter):
     the access fields when present, and ``exc`` for a traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        rid = getattr(record, "request_id", "-")
-        if rid != "-":
-            out["request_id"] = rid
-        for name in _ACCESS_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                out[name] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return _json(out).decode()
+        fields = {name: getattr(record, name, None) for name in _ACCESS_FIELDS}
+        return _json_line(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            getattr(record, "request_id", "-"),
+            {name: value for name, value in fields.items() if value is not None},
+            self.formatException(record.exc_info) if record.exc_info else None,
+        )
 
     def access_line(
         self, created: float, method: str, path: str, status: int, ms: float, rid: str
     ) -> str:
         """What :meth:`format` makes of an access record (see :func:`_log_access`)."""
-        out = {
-            "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
-            "level": "info",
-            "logger": "app.access",
-            "message": f"{method} {path} {status} {ms:.2f}ms",
-            "request_id": rid,
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": ms,
-        }
-        return _json(out).decode()
+        message = _ACCESS_MESSAGE % (method, path, status, ms)
+        fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
+        return _json_line(created, "info", access_log.name, message, rid, fields)
+
+
+def _json_line(
+    created: float,
+    level: str,
+    logger: str,
+    message: str,
+    rid: str,
+    fields: dict[str, Any],
+    exc: str | None = None,
+) -> str:
+    out: dict[str, Any] = {
+        "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+    }
+    if rid != "-":
+        out["request_id"] = rid
+    out.update(fields)
+    if exc is not None:
+        out["exc"] = exc
+    return _json(out).decode()
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -255,8 +268,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     Replaces the root logger's handlers, so calling it again switches the format. Lines
     written on the event loop go out in batches (:class:`BatchedStreamHandler`).
     """
-    # No format here shows the thread or process names, which every record would look up.
     global _access_out
+    # No format here shows the thread or process names, which every record would look up.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = BatchedStreamHandler(sys.stderr)
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
@@ -310,7 +323,7 @@ def _log_access(scope: Scope, status: int, duration_s: float, rid: str) -> None:
     # record is built here rather than through Logger.info(): that skips the caller lookup
     # (a stack walk) and the extra-dict merge.
     record = logging.LogRecord(
-        "app.access", logging.INFO, __file__, 0, "%s %s %d %.2fms",
+        access_log.name, logging.INFO, __file__, 0, _ACCESS_MESSAGE,
         (method, path, status, duration_ms), None,
     )  # fmt: skip
     record.method, record.path, record.status = method, path, status
