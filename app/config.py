@@ -124,9 +124,14 @@ class Settings(BaseSettings):
 
     # Pipeline
     queue_max_readings: int = Field(25_000, ge=1)
-    """Readings accepted but not yet predicted, per shard; beyond it POST answers 503. At the
-    model stage's pace (5-10k readings/s per shard here) that is 2.5-5 s of waiting at most:
-    a larger queue only makes predictions later and the service larger."""
+    """Readings accepted but not yet predicted, per shard; beyond it a POST waits for room
+    (``admission_wait_ms``), then answers 503. Seconds of model work at most (the model stage
+    takes tens of thousands of readings a second per shard here): a larger queue only makes
+    predictions later and the service larger."""
+    admission_wait_ms: float = Field(1_000.0, ge=0, le=60_000)
+    """How long a request that finds the shard queues full waits for room before it is
+    refused with 503 (behind the requests that waited before it). Memory backend only: the
+    Redis admission answers at once. 0 refuses at once."""
     batch_max_size: int = Field(2_000, ge=1)
     batch_window_ms: float = Field(2.0, ge=0)
     """How long the batcher waits for more readings before sending a partial batch."""

@@ -463,8 +463,8 @@ class _PipelineCollector(Collector):
         if figures:
             pending = GaugeMetricFamily(
                 f"{NAMESPACE}_queue_pending_readings",
-                "Readings accepted and not yet published, per shard (POST answers 503 at "
-                "capacity).",
+                "Readings accepted and not yet published, per shard (at capacity POST waits "
+                "for room, then answers 503).",
                 labels=("shard",),
             )
             waiting = GaugeMetricFamily(
@@ -484,6 +484,18 @@ class _PipelineCollector(Collector):
             yield pending
             yield waiting
             yield capacity
+        admission_waits = getattr(p, "admission_waits", None)
+        if admission_waits is not None:
+            waits, waited_s = admission_waits()
+            yield _counter(
+                "admission_waits",
+                "Times a POST /v1/readings found the shard queues full and waited for room "
+                "(up to admission_wait_ms, then 503).",
+                waits,
+            )
+            yield _counter(
+                "admission_wait_seconds", "Seconds requests spent waiting for room.", waited_s
+            )
         dedup_size = getattr(p, "dedup_size", None)
         if dedup_size is not None:
             yield _gauge(

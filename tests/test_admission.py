@@ -1,16 +1,89 @@
-"""Admission under a full pipeline: refused whole with 503, before or after parsing."""
+"""Admission under a full pipeline: a request waits a bounded time for room in the shard
+queues, first come first served, then is refused whole with 503, before or after parsing."""
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+import re
 
+import httpx
+import pytest
+
+from app.pipeline.ingest import Ingestor, Overloaded, RecentIds, ShardQueue
+from app.schemas import Reading
 from tests.conftest import Server, collect, connect, quiet, receive_json
 
 
+def _readings(sensor: str, n: int) -> list[Reading]:
+    return [Reading(sensor, None, float(i), ("value",), (float(i),), 0.0) for i in range(n)]
+
+
+def _ingestor(capacity: int) -> tuple[Ingestor, ShardQueue]:
+    queue = ShardQueue(capacity)
+    return Ingestor([queue], RecentIds(window_s=60, max_ids=1000)), queue
+
+
+async def test_waiting_requests_are_admitted_in_the_order_they_came() -> None:
+    """Three requests find the queue full; as room frees, each is admitted in its turn, even
+    the small one that would have fit before the first in line."""
+    ingestor, queue = _ingestor(10)
+    assert ingestor.offer(_readings("full", 10)) == (10, 0)
+    deadline = asyncio.get_running_loop().time() + 30
+    order: list[str] = []
+
+    async def admit(name: str, n: int) -> None:
+        await ingestor.admit(_readings(name, n), deadline)
+        order.append(name)
+
+    tasks = [asyncio.create_task(admit(name, n)) for name, n in (("a", 6), ("b", 1), ("c", 3))]
+    await asyncio.sleep(0)  # all three are in line
+    assert order == [] and queue.pending == 10
+    queue.take(10)
+    queue.done(5)  # room for 5: not enough for "a", and "b" must wait behind it
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert order == []
+    queue.done(5)
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c"] and queue.pending == 10
+
+
+async def test_a_request_without_room_at_its_deadline_is_refused_and_leaves_no_trace() -> None:
+    ingestor, queue = _ingestor(10)
+    ingestor.offer(_readings("full", 8))
+    loop = asyncio.get_running_loop()
+    with pytest.raises(Overloaded) as refused:
+        await ingestor.admit(_readings("late", 3), loop.time() + 0.05)
+    assert refused.value.retry_after_s == 1 and queue.pending == 8
+    assert not await ingestor.room_for(3, loop.time() + 0.05)
+    # The line moves on: the next request that fits is admitted at once.
+    assert await ingestor.admit(_readings("next", 2), loop.time() + 5) == (2, 0)
+
+
+async def test_closing_refuses_the_waiting_requests_at_once() -> None:
+    """At shutdown nobody waits out their deadline: every request in line gets its 503 now."""
+    ingestor, _ = _ingestor(4)
+    ingestor.offer(_readings("full", 4))
+    deadline = asyncio.get_running_loop().time() + 60
+    waiting = [
+        asyncio.create_task(ingestor.admit(_readings(f"w{n}", 2), deadline)) for n in range(3)
+    ]
+    sizing = asyncio.create_task(ingestor.room_for(2, deadline))
+    await asyncio.sleep(0)
+    ingestor.open = False
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert await sizing  # let on, to be refused by the offer as shutting down
+    assert all(isinstance(r, Overloaded) and r.retry_after_s == 5 for r in results), results
+
+
 async def test_request_over_the_free_room_is_refused_whole(server_factory) -> None:
-    """Readings that fit the queue but not its free room now: 503, Retry-After, no trace."""
+    """With no wait allowed, readings that fit the queue but not its free room now: 503,
+    Retry-After, no trace."""
     # A long batch window keeps the first request's readings queued while the second comes.
-    srv: Server = server_factory(queue_max_readings="50", workers="1", batch_window_ms="1500")
+    srv: Server = server_factory(
+        queue_max_readings="50", workers="1", batch_window_ms="1500", admission_wait_ms="0"
+    )
     first = [{"sensor_id": "adm-ok", "value": float(i), "id": f"k{i}"} for i in range(40)]
     second = [{"sensor_id": "adm-big", "value": float(i)} for i in range(20)]
     async with connect(f"{srv.ws_url}?sensor=adm-*") as ws:
@@ -25,3 +98,28 @@ async def test_request_over_the_free_room_is_refused_whole(server_factory) -> No
         got = await collect(ws, 40)
         assert {m["sensor_id"] for m in got} == {"adm-ok"}
         assert await quiet(ws, 1.0) == []
+
+
+async def test_request_over_the_free_room_waits_for_it(server_factory) -> None:
+    """The default: a request that finds the queue full waits until the queued readings are
+    published, then is accepted; one that would wait past admission_wait_ms gets 503."""
+    srv: Server = server_factory(
+        queue_max_readings="50", workers="1", batch_window_ms="1500", admission_wait_ms="20000"
+    )
+    first = [{"sensor_id": "wait-a", "value": float(i)} for i in range(40)]
+    second = [{"sensor_id": "wait-b", "value": float(i)} for i in range(20)]
+    async with connect(f"{srv.ws_url}?sensor=wait-*") as ws:
+        await receive_json(ws)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+            r = await http.post("/v1/readings", json=first)
+            assert r.status_code == 202
+            r = await http.post("/v1/readings", json=second)
+            assert r.status_code == 202 and r.json() == {"accepted": 20, "duplicates": 0}
+            metrics = (await http.get("/metrics")).text
+        assert re.search(r"^sensorcast_admission_waits_total 1\.0$", metrics, re.M), metrics
+        waited = re.search(r"^sensorcast_admission_wait_seconds_total (\S+)$", metrics, re.M)
+        assert waited and 0 < float(waited[1]) < 20
+        got = await collect(ws, 60)
+        # The second request was admitted only once the first's predictions were out.
+        assert [m["sensor_id"] for m in got] == ["wait-a"] * 40 + ["wait-b"] * 20
+        assert await quiet(ws, 0.5) == []

@@ -180,6 +180,7 @@ async def test_overload_is_refused_and_memory_stays_flat(server_factory) -> None
     srv: Server = server_factory(
         workers="1",
         queue_max_readings="400",
+        admission_wait_ms="0",  # refused at once, not slowed by waits for room
         batch_max_size="100",
         history_max_frames="2000",
         dedup_max_ids="20000",

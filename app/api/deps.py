@@ -40,7 +40,12 @@ class Ingest(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def offer(self, readings: list[Reading]) -> tuple[int, int]: ...
+    async def offer(
+        self, readings: list[Reading], deadline: float | None = None
+    ) -> tuple[int, int]:
+        """Admit a request's readings whole: (accepted, duplicates). ``deadline`` (the event
+        loop's clock) is how long the embedded pipeline may wait for room; None: at once."""
+        ...
 
     async def checks(self) -> dict[str, bool]: ...
 

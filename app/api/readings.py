@@ -7,6 +7,7 @@ its declared size costs no body read, and one refused for overload costs no pars
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
@@ -260,15 +261,16 @@ async def _admit(
     limits = Limits(
         settings.max_channels, settings.max_sensor_id_chars, settings.max_reading_id_chars
     )
-    # At saturation most requests are refused. Counting the "sensor_id" keys costs a few
-    # percent of parsing, so a request that cannot fit is refused before it is parsed (the
-    # key appears once per reading, or more often if it is also a channel name). A request
-    # that could never fit is left to the 413 of the parser or the ingestor.
+    # A request that finds the queues full waits for room as its bytes, before it is parsed:
+    # the "sensor_id" keys count its readings (or more, where it is also a channel name) for
+    # a few percent of the parse. One that could never fit is left to the 413 of the parser
+    # or the ingestor.
+    deadline = None
     if isinstance(pipeline, Pipeline):
         count = body.count(b'"sensor_id"')
-        queues = pipeline.queues
-        fits_ever = count <= min(settings.max_readings_per_request, queues[0].capacity)
-        if fits_ever and count > sum(q.free() for q in queues):
+        deadline = asyncio.get_running_loop().time() + settings.admission_wait_ms / 1000
+        fits_ever = count <= min(settings.max_readings_per_request, pipeline.queues[0].capacity)
+        if fits_ever and not await pipeline.ingestor.room_for(count, deadline):
             metrics.count_refusal("overloaded")
             return _error(503, "the pipeline is full; retry later", {"Retry-After": "1"})
     try:
@@ -286,7 +288,7 @@ async def _admit(
         if not readings:
             metrics.count_refusal("invalid")
             return Answer(422, b'{"detail":"the request holds no readings","errors":[]}', (_JSON,))
-        accepted, duplicates = await pipeline.offer(readings)
+        accepted, duplicates = await pipeline.offer(readings, deadline)
     except TooLarge as exc:
         metrics.count_refusal("too_large")
         return _error(413, str(exc))

@@ -4,9 +4,9 @@ per-shard queues.
 Every stage between the socket and the process pool is bounded, and a full stage refuses the
 request (503 with ``Retry-After``) rather than growing: the bytes of bodies being received
 and parsed (:class:`BodyBudget`), then the readings waiting or in flight per shard
-(:class:`ShardQueue`). A request is admitted whole or not at all. Everything here is
-synchronous and runs between two awaits, so a request's check-then-enqueue cannot interleave
-with another's.
+(:class:`ShardQueue`, where a request first waits a bounded time for room). A request is
+admitted whole or not at all: its check-then-enqueue runs between two awaits, so it cannot
+interleave with another's.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 from app.pipeline.routing import split_by_shard
 from app.schemas import Reading, TooLarge
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Overloaded(Exception):
@@ -199,7 +202,7 @@ class ShardQueue:
 
     ``capacity`` bounds readings waiting *and* in flight in the worker: a reading leaves the
     count only once its prediction is published, so a slow model stage fills the queue and
-    POST answers 503 instead of memory growing.
+    POST waits for room, then answers 503, instead of memory growing.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -209,6 +212,9 @@ class ShardQueue:
         self._waiting: deque[list[Reading]] = deque()
         self._waiting_count = 0
         self.ready = asyncio.Event()
+        self.freed = asyncio.Event()
+        """Set whenever readings leave the count (the :class:`Ingestor` shares one between
+        its queues, for the requests waiting for room)."""
 
     def free(self) -> int:
         return self.capacity - self.pending
@@ -240,10 +246,19 @@ class ShardQueue:
 
     def done(self, count: int) -> None:
         self.pending -= count
+        self.freed.set()
 
 
 class Ingestor:
-    """Routes readings to shards by sensor and admits requests whole."""
+    """Routes readings to shards by sensor and admits requests whole.
+
+    A request that finds no room waits for it, behind the requests that waited before it,
+    until a deadline (``admission_wait_ms``); only then is it refused. Clients honour the
+    ``Retry-After`` of a 503 in whole seconds, and a refused client's seconds are seconds the
+    model processes may run dry, while a waiting request takes room the moment a batch is
+    published: at saturation the queues stay full and the model processes busy, and clients
+    are slowed by their slower 202s, with fewer 503s.
+    """
 
     def __init__(
         self,
@@ -254,10 +269,93 @@ class Ingestor:
         self.queues = queues
         self.recent = recent
         self.registry = registry if registry is not None else SensorRegistry(1 << 62)
-        self.open = True
+        self._open = True
+        self._freed = asyncio.Event()
+        for queue in queues:
+            queue.freed = self._freed
+        self._turn = asyncio.Lock()
+        """Held by the request first in line for room (asyncio wakes a lock's waiters in the
+        order they came)."""
+        self.waits = 0
+        """Times a request waited for room (for the metrics)."""
+        self.waited_s = 0.0
+        """Seconds requests spent waiting for room, together."""
+
+    @property
+    def open(self) -> bool:
+        return self._open
+
+    @open.setter
+    def open(self, value: bool) -> None:
+        self._open = value
+        if not value:
+            self._freed.set()  # the requests waiting for room are refused now
+
+    def free(self) -> int:
+        """Room left in all the queues together."""
+        return sum(queue.free() for queue in self.queues)
+
+    async def room_for(self, count: int, deadline: float) -> bool:
+        """Whether about ``count`` readings fit the queues' room together, waiting behind
+        the requests already waiting until ``deadline`` (the event loop's clock).
+
+        Checked before a body is parsed, so a request waits as its bytes, not as thousands
+        of readings; :meth:`admit` then checks each shard's share exactly.
+        """
+        if not self._turn.locked() and count <= self.free():
+            return True
+
+        def fits() -> bool | None:
+            # Shutting down: let the request on, to be refused by the offer as such.
+            return True if not self._open or count <= self.free() else None
+
+        return bool(await self._in_turn(fits, deadline))
+
+    async def admit(self, readings: list[Reading], deadline: float) -> tuple[int, int]:
+        """:meth:`offer`, waiting until ``deadline`` (the event loop's clock) while a shard has
+        no room for its share, behind the requests already waiting.
+
+        Raises:
+            Overloaded: shutting down, or still no room at the deadline.
+            TooLarge, SensorLimitReached: as :meth:`offer`.
+        """
+        if not self._turn.locked():
+            done = self._try(readings)
+            if done is not None:
+                return done
+        done = await self._in_turn(lambda: self._try(readings), deadline)
+        if done is None:
+            raise Overloaded(retry_after_s=1)
+        return done
+
+    async def _in_turn(self, attempt: Callable[[], T | None], deadline: float) -> T | None:
+        """``attempt()`` until it gives a result, in turn, each time readings leave a queue;
+        None at ``deadline``.
+
+        The one first in line returns with no await between its successful attempt and its
+        caller's next step, so the room it found is still there (a body parsed at once,
+        below ``HEAVY_BODY_BYTES``, is offered before anyone else runs).
+        """
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        if started >= deadline:
+            return None
+        self.waits += 1
+        try:
+            async with asyncio.timeout_at(deadline), self._turn:
+                while True:
+                    self._freed.clear()
+                    done = attempt()
+                    if done is not None:
+                        return done
+                    await self._freed.wait()
+        except TimeoutError:
+            return None
+        finally:
+            self.waited_s += clock() - started
 
     def offer(self, readings: list[Reading]) -> tuple[int, int]:
-        """Admit a request's readings; return (accepted, duplicates).
+        """Admit a request's readings at once; return (accepted, duplicates).
 
         Raises:
             Overloaded: the service is shutting down or a shard has no room for its share;
@@ -267,7 +365,14 @@ class Ingestor:
             SensorLimitReached: the request brings new sensors beyond ``max_sensors``;
                 nothing of it was taken.
         """
-        if not self.open:
+        done = self._try(readings)
+        if done is None:
+            raise Overloaded(retry_after_s=1)
+        return done
+
+    def _try(self, readings: list[Reading]) -> tuple[int, int] | None:
+        """:meth:`offer`, with None where a shard has no room for its share."""
+        if not self._open:
             raise Overloaded(retry_after_s=5, reason="the service is shutting down")
         now = time.time()
         recent = self.recent
@@ -289,7 +394,7 @@ class Ingestor:
                         f"{len(share)} new readings for one shard, whose queue holds at most "
                         f"{queue.capacity}; send smaller requests"
                     )
-                raise Overloaded(retry_after_s=1)
+                return None
         ids = [r.sensor_id for r in fresh]
         self.registry.check(ids)
         self.registry.touch(ids, now)

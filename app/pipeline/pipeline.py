@@ -90,9 +90,14 @@ class Pipeline:
     def last_seq(self) -> int:
         return self.publisher.last_seq
 
-    async def offer(self, readings: list[Reading]) -> tuple[int, int]:
-        """Admit a request whole; see :meth:`Ingestor.offer`."""
-        return self.ingestor.offer(readings)
+    async def offer(
+        self, readings: list[Reading], deadline: float | None = None
+    ) -> tuple[int, int]:
+        """Admit a request whole, waiting for room until ``deadline`` (the event loop's
+        clock; None: at once); see :meth:`Ingestor.admit`."""
+        if deadline is None:
+            return self.ingestor.offer(readings)
+        return await self.ingestor.admit(readings, deadline)
 
     async def checks(self) -> dict[str, bool]:
         return {"pool": all(r.healthy for r in self.runners), "accepting": self.ingestor.open}
@@ -110,6 +115,11 @@ class Pipeline:
 
     def queue_figures(self) -> list[tuple[str, int, int, int]]:
         return [(str(i), q.pending, q.waiting, q.capacity) for i, q in enumerate(self.queues)]
+
+    def admission_waits(self) -> tuple[int, float]:
+        """Times a request waited for room in the queues, and the seconds spent (for the
+        metrics)."""
+        return self.ingestor.waits, self.ingestor.waited_s
 
     def dedup_size(self) -> int:
         """(sensor_id, id) pairs remembered to acknowledge retries (for the metrics)."""

@@ -60,8 +60,11 @@ class RemoteIngest:
             self.on_evict(gone)
         return len(gone)
 
-    async def offer(self, readings: list[Reading]) -> tuple[int, int]:
-        """Append a request's readings to Redis, whole or not at all.
+    async def offer(
+        self, readings: list[Reading], deadline: float | None = None
+    ) -> tuple[int, int]:
+        """Append a request's readings to Redis, whole or not at all, at once (``deadline``
+        is the embedded pipeline's: a full partition is refused without waiting).
 
         Raises:
             TooLarge: one partition's share is larger than its whole queue (413).
