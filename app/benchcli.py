@@ -38,7 +38,7 @@ SCRIPTS = (
     Script("loop_lag", "1. responsiveness while retraining", 180, 60),
     Script("scaling", "2. model-stage scaling over model processes", 120, 60),
     Script("ingest", "3. ingest against no-op endpoints", 240, 60),
-    Script("saturation", "4. end to end at saturation, /healthz, loop lag, memory", 330, 150),
+    Script("saturation", "4. end to end at saturation, /healthz, loop lag, memory", 420, 180),
     Script("e2e", "latency, POST to frame, at fixed rates", 150, 60),
     Script("fanout", "5. fan-out against websockets broadcast()", 180, 60),
     Script("hotpath", "service-process cost per reading, step by step", 60, 40),
