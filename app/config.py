@@ -128,10 +128,12 @@ class Settings(BaseSettings):
     (``admission_wait_ms``), then answers 503. Seconds of model work at most (the model stage
     takes tens of thousands of readings a second per shard here): a larger queue only makes
     predictions later and the service larger."""
-    admission_wait_ms: float = Field(1_000.0, ge=0, le=60_000)
+    admission_wait_ms: float = Field(0.0, ge=0, le=60_000)
     """How long a request that finds the shard queues full waits for room before it is
-    refused with 503 (behind the requests that waited before it). Memory backend only: the
-    Redis admission answers at once. 0 refuses at once."""
+    refused with 503 (behind the requests that waited before it); 0, the default, refuses at
+    once. Worth raising where a queue drains in well under the 1 s of ``Retry-After``, so
+    refused clients would leave the model processes idle (see the README). Memory backend
+    only: the Redis admission answers at once."""
     batch_max_size: int = Field(2_000, ge=1)
     batch_window_ms: float = Field(2.0, ge=0)
     """How long the batcher waits for more readings before sending a partial batch."""

@@ -463,8 +463,8 @@ class _PipelineCollector(Collector):
         if figures:
             pending = GaugeMetricFamily(
                 f"{NAMESPACE}_queue_pending_readings",
-                "Readings accepted and not yet published, per shard (at capacity POST waits "
-                "for room, then answers 503).",
+                "Readings accepted and not yet published, per shard (POST answers 503 at "
+                "capacity).",
                 labels=("shard",),
             )
             waiting = GaugeMetricFamily(

@@ -1,5 +1,5 @@
-"""Admission under a full pipeline: a request waits a bounded time for room in the shard
-queues, first come first served, then is refused whole with 503, before or after parsing."""
+"""Admission under a full pipeline: refused whole with 503, before or after parsing, or with
+``admission_wait_ms`` after a bounded wait for room, first come first served."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ async def test_closing_refuses_the_waiting_requests_at_once() -> None:
 
 
 async def test_request_over_the_free_room_is_refused_whole(server_factory) -> None:
-    """With no wait allowed, readings that fit the queue but not its free room now: 503,
-    Retry-After, no trace."""
+    """With no wait for room (the default), readings that fit the queue but not its free room
+    now: 503, Retry-After, no trace."""
     # A long batch window keeps the first request's readings queued while the second comes.
     srv: Server = server_factory(
         queue_max_readings="50", workers="1", batch_window_ms="1500", admission_wait_ms="0"
@@ -101,8 +101,8 @@ async def test_request_over_the_free_room_is_refused_whole(server_factory) -> No
 
 
 async def test_request_over_the_free_room_waits_for_it(server_factory) -> None:
-    """The default: a request that finds the queue full waits until the queued readings are
-    published, then is accepted; one that would wait past admission_wait_ms gets 503."""
+    """With admission_wait_ms set, a request that finds the queue full waits until the queued
+    readings are published, then is accepted."""
     srv: Server = server_factory(
         queue_max_readings="50", workers="1", batch_window_ms="1500", admission_wait_ms="20000"
     )

@@ -261,10 +261,10 @@ async def _admit(
     limits = Limits(
         settings.max_channels, settings.max_sensor_id_chars, settings.max_reading_id_chars
     )
-    # A request that finds the queues full waits for room as its bytes, before it is parsed:
-    # the "sensor_id" keys count its readings (or more, where it is also a channel name) for
-    # a few percent of the parse. One that could never fit is left to the 413 of the parser
-    # or the ingestor.
+    # A request that finds the queues full is refused, or waits for room (admission_wait_ms)
+    # as its bytes, before it is parsed: the "sensor_id" keys count its readings (or more,
+    # where it is also a channel name) for a few percent of the parse. One that could never
+    # fit is left to the 413 of the parser or the ingestor.
     deadline = None
     if isinstance(pipeline, Pipeline):
         count = body.count(b'"sensor_id"')

@@ -202,7 +202,8 @@ class ShardQueue:
 
     ``capacity`` bounds readings waiting *and* in flight in the worker: a reading leaves the
     count only once its prediction is published, so a slow model stage fills the queue and
-    POST waits for room, then answers 503, instead of memory growing.
+    POST answers 503 (after a bounded wait for room, where one is allowed) instead of memory
+    growing.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -252,12 +253,11 @@ class ShardQueue:
 class Ingestor:
     """Routes readings to shards by sensor and admits requests whole.
 
-    A request that finds no room waits for it, behind the requests that waited before it,
-    until a deadline (``admission_wait_ms``); only then is it refused. Clients honour the
-    ``Retry-After`` of a 503 in whole seconds, and a refused client's seconds are seconds the
-    model processes may run dry, while a waiting request takes room the moment a batch is
-    published: at saturation the queues stay full and the model processes busy, and clients
-    are slowed by their slower 202s, with fewer 503s.
+    With :meth:`admit`, a request that finds no room waits for it, behind the requests that
+    waited before it, until a deadline (``admission_wait_ms``); only then is it refused.
+    Clients honour the ``Retry-After`` of a 503 in whole seconds: where a queue drains faster
+    than that, a refused client's seconds are seconds the model processes may run dry, while
+    a waiting request takes room the moment a batch is published.
     """
 
     def __init__(
