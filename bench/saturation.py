@@ -58,6 +58,18 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def main_thread_schedstat(pid: int) -> tuple[int, int] | None:
+    """Nanoseconds the process's main thread has run and has waited runnable for a core
+    (Linux ``schedstat``); None where the kernel does not say."""
+    try:
+        ran, waited, _ = (
+            int(x) for x in Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+        )
+    except (OSError, ValueError):
+        return None
+    return ran, waited
+
+
 def _spawn(module: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
@@ -110,7 +122,10 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
+        time.sleep(max(0.0, start - time.time()))
+        sched_start = main_thread_schedstat(svc.pid)
         time.sleep(max(0.0, end - time.time()))
+        sched_end = main_thread_schedstat(svc.pid)
         lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s}).json()
         loads = [_result(p, stop - time.time() + 60) for p in loadgens]
         probe = _result(prober, 30)
@@ -135,6 +150,16 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
         "healthz_failed": probe["failed"],
         "loop_lag_p99_ms": lag["p99_ms"],
         "floor_lag_p99_ms": bare["p99_ms"],
+        # The loop's thread: how busy, and how long it waited runnable for a core (the lag
+        # that no work of its own explains).
+        "main_thread": (
+            None
+            if sched_start is None or sched_end is None
+            else [
+                (b - a) / 1e9 / duration_s * 100
+                for a, b in zip(sched_start, sched_end, strict=True)
+            ]
+        ),
         "rss_idle": idle,
         "rss_warm": after_warmup[0] if after_warmup else 0,
         "rss_end": after_warmup[-1] if after_warmup else 0,
@@ -171,6 +196,12 @@ def report(results: Results, label: str, r: dict[str, Any], stage: float | None)
         item, "event-loop lag p99 of a bare loop beside the same load", r["floor_lag_p99_ms"],
         "ms",
     )  # fmt: skip
+    if r["main_thread"] is not None:
+        ran, waited = r["main_thread"]
+        results.row(item, "service main thread on a core", ran, "% of the window")
+        results.row(
+            item, "service main thread runnable, waiting for a core", waited, "% of the window"
+        )
     growth = (r["rss_end"] - r["rss_idle"]) / MIB
     drift = (r["rss_end"] - r["rss_warm"]) / MIB
     results.row(item, "service RSS idle", r["rss_idle"] / MIB, "MiB")
