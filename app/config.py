@@ -124,10 +124,10 @@ class Settings(BaseSettings):
 
     # Pipeline
     queue_max_readings: int = Field(25_000, ge=1)
-    """Readings accepted but not yet predicted, per shard; beyond it a POST waits for room
-    (``admission_wait_ms``), then answers 503. Seconds of model work at most (the model stage
-    takes tens of thousands of readings a second per shard here): a larger queue only makes
-    predictions later and the service larger."""
+    """Readings accepted but not yet predicted, per shard; beyond it POST answers 503 (after
+    waiting up to ``admission_wait_ms`` for room, where that is set). Seconds of model work
+    at most (the model stage takes tens of thousands of readings a second per shard here): a
+    larger queue only makes predictions later and the service larger."""
     admission_wait_ms: float = Field(0.0, ge=0, le=60_000)
     """How long a request that finds the shard queues full waits for room before it is
     refused with 503 (behind the requests that waited before it); 0, the default, refuses at

@@ -264,13 +264,20 @@ async def _admit(
     # A request that finds the queues full is refused, or waits for room (admission_wait_ms)
     # as its bytes, before it is parsed: the "sensor_id" keys count its readings (or more,
     # where it is also a channel name) for a few percent of the parse. One that could never
-    # fit is left to the 413 of the parser or the ingestor.
+    # fit is left to the 413 of the parser or the ingestor. Without a wait (the default), the
+    # check and the offer stay synchronous.
     deadline = None
     if isinstance(pipeline, Pipeline):
         count = body.count(b'"sensor_id"')
-        deadline = asyncio.get_running_loop().time() + settings.admission_wait_ms / 1000
+        if settings.admission_wait_ms:
+            deadline = asyncio.get_running_loop().time() + settings.admission_wait_ms / 1000
+        ingestor = pipeline.ingestor
         fits_ever = count <= min(settings.max_readings_per_request, pipeline.queues[0].capacity)
-        if fits_ever and not await pipeline.ingestor.room_for(count, deadline):
+        if (
+            fits_ever
+            and not ingestor.has_room(count)
+            and (deadline is None or not await ingestor.room_for(count, deadline))
+        ):
             metrics.count_refusal("overloaded")
             return _error(503, "the pipeline is full; retry later", {"Retry-After": "1"})
     try:

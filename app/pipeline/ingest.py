@@ -295,6 +295,11 @@ class Ingestor:
         """Room left in all the queues together."""
         return sum(queue.free() for queue in self.queues)
 
+    def has_room(self, count: int) -> bool:
+        """Whether about ``count`` readings fit the queues' room together now, with no
+        request waiting for room before them."""
+        return not self._turn.locked() and count <= self.free()
+
     async def room_for(self, count: int, deadline: float) -> bool:
         """Whether about ``count`` readings fit the queues' room together, waiting behind
         the requests already waiting until ``deadline`` (the event loop's clock).
@@ -302,7 +307,7 @@ class Ingestor:
         Checked before a body is parsed, so a request waits as its bytes, not as thousands
         of readings; :meth:`admit` then checks each shard's share exactly.
         """
-        if not self._turn.locked() and count <= self.free():
+        if self.has_room(count):
             return True
 
         def fits() -> bool | None:
