@@ -504,3 +504,21 @@ async def test_an_unexpected_error_is_a_json_500_without_internals() -> None:
     assert r.status_code == 500
     assert r.json() == {"detail": "internal error"}
     assert "secret" not in r.text and "Traceback" not in r.text
+
+
+async def test_an_unexpected_error_in_the_ingest_route_is_the_same_json_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """POST /v1/readings is served ahead of the framework's error handler: a failure there
+    still gives the JSON 500, with a request id, and the traceback goes to the log."""
+    app = create_app(Settings(workers=1))
+    # Without the lifespan there is no pipeline: the route fails as it would on a bug.
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        r = await client.post("/v1/readings", json={"sensor_id": "s", "value": 1.0})
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error"}
+    assert r.headers["x-request-id"]
+    assert any(
+        rec.exc_info and "POST /v1/readings failed" in rec.getMessage() for rec in caplog.records
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -41,6 +42,10 @@ from app.turns import turn
 
 Parser = Callable[..., Iterator[list[Reading]]]
 """A body's readings in steps (:func:`~app.schemas.json_steps`)."""
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/readings"
 
 router = APIRouter(tags=["readings"])
 
@@ -151,10 +156,13 @@ class IngestEndpoint:
     request objects and dependency injection: the hottest route pays only for its own work.
 
     The route below (``post_readings``) documents it in the OpenAPI schema and serves it the
-    same way where this endpoint is not installed. Every other request passes through.
+    same way where this endpoint is not installed. Every other request passes through. A
+    failure nobody foresaw is logged and answered as the app's last-resort handler answers
+    it (``500 {"detail": "internal error"}``), as this endpoint may sit outside that handler
+    (see :class:`app.main.Service`).
     """
 
-    def __init__(self, app: ASGIApp, path: str = "/v1/readings") -> None:
+    def __init__(self, app: ASGIApp, path: str = PATH) -> None:
         self.app = app
         self.path = path
         # What routing would have put in the scope: the request metrics name the route by it.
@@ -184,6 +192,9 @@ class IngestEndpoint:
             )
         except _Disconnected:
             answer = Answer(400, b"")  # nobody is left to read it
+        except Exception as exc:
+            log.error("POST %s failed with %s", self.path, type(exc).__name__, exc_info=exc)
+            answer = Answer(500, b'{"detail":"internal error"}', (_JSON,))
         if disconnected and not answer.body:
             return
         await send(
@@ -199,7 +210,7 @@ class _Disconnected(Exception):
 
 
 @router.post(
-    "/v1/readings",
+    PATH,
     status_code=202,
     dependencies=[require(Scope.ingest)],
     response_model=Accepted,
