@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     """Added to a ``sensorcast worker``'s scheduling niceness at start (its model processes
     add ``model_nice`` to it): on a machine it shares with API replicas, their event loops
     get a core before its own does."""
+    loop_slice_us: int = Field(100, ge=0, le=100_000)
+    """The scheduler time slice the event loop's thread asks for, in µs (Linux 6.12 and
+    later; 0 leaves the kernel's default, 100 is the shortest it takes): woken by a timer
+    or a socket, a thread with a short slice takes a core from threads running longer
+    slices (model processes, other programs) at once. Its share of the CPU is unchanged.
+    See ``app/scheduling.py``."""
     executor: ExecutorKind = ExecutorKind.process
     """Benchmarks only: ``thread`` or ``inline`` run the model work in the service process."""
     model: str = "app.models.ridge:RidgeForecaster"
@@ -236,6 +242,13 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("loop_slice_us")
+    @classmethod
+    def _check_loop_slice(cls, value: int) -> int:
+        if 0 < value < 100:
+            raise ValueError("0 (the kernel's default) or 100 to 100000 µs")
         return value
 
     @field_validator("api_keys")

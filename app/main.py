@@ -43,6 +43,7 @@ from app.metrics import Metrics
 from app.models.base import load_model_class
 from app.pipeline.hub import PredictionHub
 from app.pipeline.ingest import BodyBudget
+from app.scheduling import shorten_loop_slice
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             log.info("Host names served: %s", ", ".join(hosts.patterns))
         async with AsyncExitStack() as stack:
+            shorten_loop_slice(settings.loop_slice_us)
             await stack.enter_async_context(loop_lag)
             topology = topology_of(settings.backend)
             backend = backend_from_url(

@@ -51,6 +51,7 @@ from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import SensorRegistry, sweep_period
 from app.pipeline.pipeline import make_runners
 from app.pipeline.runner import CheckpointCadence, Done, ShardRunner
+from app.scheduling import shorten_loop_slice
 from app.schemas import Reading
 
 log = logging.getLogger(__name__)
@@ -484,6 +485,7 @@ async def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
 
 async def run_worker(settings: Settings) -> int:
     """Run the worker role until SIGTERM/SIGINT; hand partitions over, then return 0."""
+    shorten_loop_slice(settings.loop_slice_us)
     backend = RedisBackend(
         settings.backend,
         timeout_s=settings.redis_timeout_s,

@@ -17,7 +17,8 @@ process; every other part runs in processes of its own, as in production:
 The end-to-end rate is set against the model stage alone, measured in the same run on the
 same work (``bench.scaling.run_runners`` with one model process per core). The same load then
 runs with ``admission_wait_ms=1000`` (requests wait for room in full queues; shorter window),
-then on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
+with ``loop_slice_us=0`` (the event loop on the kernel's default time slice; as short), then
+on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
 end-to-end rate, loop lag, ``/healthz`` and the API process's memory.
 
 Run: ``python -m bench.saturation [--quick] [--json PATH]``
@@ -247,6 +248,25 @@ def main() -> None:
         baseline="the default, refused at once", baseline_value=memory["loop_lag_p99_ms"],
     )  # fmt: skip
 
+    # The same load with the event loop on the kernel's default time slice: what the short
+    # slice (loop_slice_us, app/scheduling.py) is worth here, side by side.
+    with service(log_level="info", loop_slice_us=0) as svc:
+        default_slice = saturate(svc, warmup_s, redis_s)
+    item = "saturation memory://, loop_slice_us=0"
+    for name, key in (
+        ("event-loop lag p99", "loop_lag_p99_ms"),
+        ("event-loop lag p99 of a bare loop beside the same load", "floor_lag_p99_ms"),
+        ("/healthz p99 from another process", "healthz_p99_ms"),
+    ):
+        results.row(
+            item, name, default_slice[key], "ms",
+            baseline="loop_slice_us=100 (the default)", baseline_value=memory[key],
+        )  # fmt: skip
+    results.row(
+        item, "POST -> batch=true frame, readings/s", default_slice["delivered"], "readings/s",
+        baseline="loop_slice_us=100 (the default)", baseline_value=memory["delivered"],
+    )  # fmt: skip
+
     with redis_server() as url, ExitStack() as stack:
         stack.enter_context(worker(url, cores))
         svc = stack.enter_context(service(backend=url, log_level="info"))
@@ -255,8 +275,8 @@ def main() -> None:
     results.note(
         f"{LOADGENS} load generator processes x {CONNECTIONS} connections, "
         f"{LOADGENS * CONNECTIONS * SENSORS_PER_CONNECTION} sensors, 1,000 readings a request; "
-        f"window {duration_s:.0f} s after {warmup_s:.0f} s of warm-up (redis:// and "
-        f"admission_wait_ms=1000: {redis_s:.0f} s)"
+        f"window {duration_s:.0f} s after {warmup_s:.0f} s of warm-up (redis://, "
+        f"admission_wait_ms=1000 and loop_slice_us=0: {redis_s:.0f} s)"
     )
     results.series["saturation_rss"] = {
         "kind": "line",

@@ -64,6 +64,15 @@ class Server:
         return self.proc.returncode
 
 
+def slice_us_of(pid: int, tid: int | None = None) -> int:
+    """A thread's scheduler time slice as ``/proc`` shows it, in µs."""
+    text = Path(f"/proc/{pid}/task/{tid or pid}/sched").read_text()
+    for line in text.splitlines():
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1]) // 1000
+    raise AssertionError(f"no se.slice for thread {tid or pid}")
+
+
 def start_server(
     tmp_dir: Path,
     env: dict[str, str] | None = None,

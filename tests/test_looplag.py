@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import httpx
+import psutil
+import pytest
 
+from app import scheduling
 from app.looplag import LoopLagMonitor
-from tests.conftest import Server
+from tests.conftest import Server, slice_us_of
 
 
 async def test_a_blocked_loop_shows_as_one_large_sample() -> None:
@@ -56,3 +61,49 @@ def test_endpoint_reports_lag_of_the_service(server: Server) -> None:
     assert 0 <= body["p50_ms"] <= body["p99_ms"] <= body["max_ms"]
     bad = httpx.get(f"{server.url}/v1/debug/loop-lag", params={"window_s": -1}, timeout=10)
     assert bad.status_code == 422
+
+
+needs_thread_slices = pytest.mark.skipif(
+    scheduling.thread_slice_us() is None, reason="this kernel keeps no time slice per thread"
+)
+
+
+@needs_thread_slices
+def test_a_thread_asks_for_a_short_slice_and_its_new_threads_do_not_inherit_it() -> None:
+    """The slice is the calling thread's alone: neither the process's other threads nor
+    the threads it starts afterwards get it; 0 gives the kernel's default back."""
+    seen: dict[str, int | None] = {}
+
+    def ask() -> None:
+        default = scheduling.thread_slice_us()
+        seen["got"] = scheduling.request_thread_slice(100)
+        seen["proc"] = slice_us_of(os.getpid(), threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.update(child=scheduling.thread_slice_us()))
+        child.start()
+        child.join()
+        seen["reset"] = scheduling.request_thread_slice(0)
+        seen["default"] = default
+
+    other = threading.Thread(target=ask)
+    other.start()
+    other.join()
+    assert seen["got"] == seen["proc"] == 100
+    assert seen["default"] != 100 and seen["child"] == seen["default"]
+    assert seen["reset"] == seen["default"]
+    assert scheduling.thread_slice_us() == seen["default"]  # this thread was never touched
+    with pytest.raises(ValueError, match="100 to 100,000"):
+        scheduling.request_thread_slice(50)
+
+
+@needs_thread_slices
+def test_the_service_loop_runs_on_a_short_slice(server: Server) -> None:
+    """The event loop's thread (the main thread) runs on ``loop_slice_us`` (100 µs by
+    default); the service's other threads and the model processes keep the kernel's
+    default."""
+    pid = server.proc.pid
+    default = scheduling.thread_slice_us()
+    threads = {int(tid): slice_us_of(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    assert threads.pop(pid) == 100
+    assert threads and set(threads.values()) == {default}
+    descendants = psutil.Process(pid).children(recursive=True)
+    assert {slice_us_of(p.pid) for p in descendants} <= {default}

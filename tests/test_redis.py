@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from app import scheduling
 from tests.conftest import (
     RedisServer,
     Server,
@@ -21,6 +22,7 @@ from tests.conftest import (
     connect,
     free_port,
     receive_json,
+    slice_us_of,
     start_server,
     start_worker,
     stop_process,
@@ -227,6 +229,11 @@ def test_a_worker_and_its_model_processes_run_at_lower_priorities(
         while _nices(models) != want and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _nices(models) == want
+        if scheduling.thread_slice_us() is not None:
+            # The worker's event loop runs on a short time slice (loop_slice_us); the
+            # model processes on the kernel's default.
+            assert slice_us_of(worker.pid) == 100
+            assert {slice_us_of(m.pid) for m in models} == {scheduling.thread_slice_us()}
     finally:
         stop_process(worker)
 

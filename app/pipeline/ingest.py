@@ -213,9 +213,9 @@ class ShardQueue:
         self._waiting: deque[list[Reading]] = deque()
         self._waiting_count = 0
         self.ready = asyncio.Event()
-        self.freed = asyncio.Event()
-        """Set whenever readings leave the count (the :class:`Ingestor` shares one between
-        its queues, for the requests waiting for room)."""
+        self.freed: asyncio.Event | None = None
+        """Set whenever readings leave the count: the event an :class:`Ingestor` shares
+        between its queues, for the requests waiting for room."""
 
     def free(self) -> int:
         return self.capacity - self.pending
@@ -247,7 +247,8 @@ class ShardQueue:
 
     def done(self, count: int) -> None:
         self.pending -= count
-        self.freed.set()
+        if self.freed is not None:
+            self.freed.set()
 
 
 class Ingestor:
