@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.models.alarms import AlarmOptions
 from app.models.base import ModelOptions
+from app.scheduling import MAX_SLICE_US, MIN_SLICE_US
 
 if TYPE_CHECKING:
     from app.pipeline.runner import ProcessSpec
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
     """Added to a ``sensorcast worker``'s scheduling niceness at start (its model processes
     add ``model_nice`` to it): on a machine it shares with API replicas, their event loops
     get a core before its own does."""
-    loop_slice_us: int = Field(100, ge=0, le=100_000)
+    loop_slice_us: int = Field(100, ge=0, le=MAX_SLICE_US)
     """The scheduler time slice the event loop's thread asks for, in µs (Linux 6.12 and
     later; 0 leaves the kernel's default, 100 is the shortest it takes): woken by a timer
     or a socket, a thread with a short slice takes a core from threads running longer
@@ -247,8 +248,8 @@ class Settings(BaseSettings):
     @field_validator("loop_slice_us")
     @classmethod
     def _check_loop_slice(cls, value: int) -> int:
-        if 0 < value < 100:
-            raise ValueError("0 (the kernel's default) or 100 to 100000 µs")
+        if 0 < value < MIN_SLICE_US:
+            raise ValueError(f"0 (the kernel's default) or {MIN_SLICE_US} to {MAX_SLICE_US} µs")
         return value
 
     @field_validator("api_keys")

@@ -18,9 +18,9 @@ Run: ``python -m bench.ingest [--quick] [--json PATH]``
 
 from __future__ import annotations
 
-import os
 import statistics
-from pathlib import Path
+
+import psutil
 
 from bench._common import (
     Load,
@@ -39,9 +39,9 @@ BATCH_CONNECTIONS = 8
 
 
 def process_cpu_s(pid: int) -> float:
-    """CPU seconds a process has used so far, all its threads (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user and system) a process has used so far, all its threads."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def main() -> None:

@@ -345,18 +345,22 @@ async def test_sigterm_drains_then_closes_subscribers_with_1001(server_factory) 
     assert await asyncio.to_thread(srv.proc.wait, 30) == 0
 
 
-def test_bad_setting_stops_startup_with_one_line() -> None:
-    """A bad setting stops start-up with one clear line naming it."""
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [("SENSORCAST_WORKERS", "0", ""), ("SENSORCAST_LOOP_SLICE_US", "50", "100 to 100000")],
+)
+def test_bad_setting_stops_startup_with_one_line(name: str, value: str, reason: str) -> None:
+    """A bad setting stops start-up with one clear line naming it (and why)."""
     import subprocess
     import sys
 
     out = subprocess.run(
         [sys.executable, "-m", "app", "serve"],
-        env={"SENSORCAST_WORKERS": "0", "PATH": "/usr/bin:/bin"},
+        env={name: value, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SENSORCAST_WORKERS" in lines[0]
+    assert len(lines) == 1 and name in lines[0] and reason in lines[0]
