@@ -15,7 +15,9 @@ process; every other part runs in processes of its own, as in production:
   the service's RSS is read from ``/proc`` before the load and every second of it.
 
 The end-to-end rate is set against the model stage alone, measured in the same run on the
-same work (``bench.scaling.run_runners`` with one model process per core). The same load then
+same work (``bench.scaling.run_runners`` with one model process per core, the load's sensors
+split among them as the service splits them, in batches of ``batch_max_size``: the size the
+service's batches reach at saturation, where the queues are full). The same load then
 runs with ``admission_wait_ms=1000`` (requests wait for room in full queues; shorter window),
 with ``loop_slice_us=0`` (the event loop on the kernel's default time slice; as short), then
 on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
@@ -38,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from app.config import Settings
 from bench._common import ROOT, Results, Server, parse_args, service
 from bench.e2e import result_of, subscribe
 from bench.scaleout import redis_server, worker
@@ -227,8 +230,19 @@ def main() -> None:
 
     from bench.scaling import run_runners
 
-    stage = asyncio.run(run_runners(cores, 300 if args.quick else 700))
-    results.row("saturation", f"model stage alone, {cores} processes", stage, "readings/s")
+    sensors = LOADGENS * CONNECTIONS * SENSORS_PER_CONNECTION
+    stage = asyncio.run(
+        run_runners(
+            cores,
+            300 if args.quick else 700,
+            sensors_per_shard=sensors // cores,
+            batch=Settings().batch_max_size,
+        )
+    )
+    results.row(
+        "saturation", f"model stage alone, {cores} processes, the load's {sensors} sensors",
+        stage, "readings/s",
+    )  # fmt: skip
 
     with service(log_level="info") as svc:
         memory = saturate(svc, warmup_s, duration_s)

@@ -41,8 +41,20 @@ async def _drive(runner: ShardRunner, batches: list[list[Reading]], in_flight: i
     return predicted
 
 
-async def run_runners(shards: int, per_sensor: int, settings: Settings | None = None) -> float:
-    """Readings/s of ``shards`` model processes after every sensor's first fit."""
+async def run_runners(
+    shards: int,
+    per_sensor: int,
+    settings: Settings | None = None,
+    *,
+    sensors_per_shard: int = SENSORS_PER_SHARD,
+    batch: int = BATCH,
+) -> float:
+    """Readings/s of ``shards`` model processes, each with ``sensors_per_shard`` sensors in
+    batches of ``batch`` readings, after every sensor's first fit.
+
+    The more sensors share a batch, the fewer readings each has in it, and the more of the
+    per-sensor work of a batch each reading carries: a baseline runs the sensors and batches
+    of the load it is set against."""
     settings = settings or Settings()
     spec = settings.process_spec()
     runners = [
@@ -57,15 +69,15 @@ async def run_runners(shards: int, per_sensor: int, settings: Settings | None = 
     await asyncio.gather(*(r.start() for r in runners))
     try:
         streams = [
-            Stream(sensor_ids(SENSORS_PER_SHARD, shard=i, shards=shards)) for i in range(shards)
+            Stream(sensor_ids(sensors_per_shard, shard=i, shards=shards)) for i in range(shards)
         ]
         warm = first_fit_readings(settings.model_options()) + 16
         in_flight = settings.batches_in_flight
-        warm_work = [s.until(warm, BATCH) for s in streams]
+        warm_work = [s.until(warm, batch) for s in streams]
         await asyncio.gather(
             *(_drive(r, w, in_flight) for r, w in zip(runners, warm_work, strict=True))
         )
-        work = [s.until(per_sensor, BATCH) for s in streams]
+        work = [s.until(per_sensor, batch) for s in streams]
         started = time.perf_counter()
         predicted = await asyncio.gather(
             *(_drive(r, w, in_flight) for r, w in zip(runners, work, strict=True))

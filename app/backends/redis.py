@@ -274,7 +274,7 @@ class RedisBackend:
         if url.startswith("redis+sentinel://"):
             address = sentinel_address(url)
             self.service = address.service
-            sentinel = self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = self.sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
                 address.sentinels,
                 sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
             )
