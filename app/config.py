@@ -130,18 +130,22 @@ class Settings(BaseSettings):
     with Retry-After (the readings may be retried: their ids make the retry safe)."""
 
     # Pipeline
-    queue_max_readings: int = Field(25_000, ge=1)
+    queue_max_readings: int = Field(100_000, ge=1)
     """Readings accepted but not yet predicted, per shard; beyond it POST answers 503 (after
-    waiting up to ``admission_wait_ms`` for room, where that is set). Seconds of model work
-    at most (the model stage takes tens of thousands of readings a second per shard here): a
-    larger queue only makes predictions later and the service larger."""
+    waiting up to ``admission_wait_ms`` for room, where that is set). A few seconds of model
+    work (the model stage takes tens of thousands of readings a second per shard): more than
+    the 1 s a refused client waits (``Retry-After``), so the model processes do not run dry
+    while it does, and packed (about 50 bytes a reading) it costs little memory. A larger
+    queue only makes predictions later under overload."""
     admission_wait_ms: float = Field(0.0, ge=0, le=60_000)
     """How long a request that finds the shard queues full waits for room before it is
     refused with 503 (behind the requests that waited before it); 0, the default, refuses at
-    once. Worth raising where a queue drains in well under the 1 s of ``Retry-After``, so
-    refused clients would leave the model processes idle (see the README). Memory backend
-    only: the Redis admission answers at once."""
+    once. Worth raising where a queue drains in under the 1 s of ``Retry-After``, so refused
+    clients would leave the model processes idle (see the README). Memory backend only: the
+    Redis admission answers at once."""
     batch_max_size: int = Field(2_000, ge=1)
+    """Readings a batch holds: whole request shares up to this many (one share larger than
+    it goes alone), in both topologies."""
     batch_window_ms: float = Field(2.0, ge=0)
     """How long the batcher waits for more readings before sending a partial batch."""
     batches_in_flight: int = Field(2, ge=1, le=16)

@@ -6,7 +6,7 @@ through a custom collector, rather than updating metric objects per reading: an 
 increment costs nothing next to a ``Counter.inc()`` behind a lock, and the scrape is rare.
 
 Where a distribution is needed (batch sizes, pool time, latency) it is observed once per
-*batch*, never per reading: a batch holds up to ``batch_max_size`` readings, so the cost per
+*batch*, never per reading: a batch holds about ``batch_max_size`` readings, so the cost per
 reading shrinks as load grows. The POST-to-broadcast latency of a batch is observed for its
 oldest and its newest reading (readings of a shard's batch are in admission order), which
 bounds every reading's latency in the batch from both sides. The histogram therefore counts
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from app.edge import RefusalLog
     from app.pipeline.hub import PredictionHub
     from app.pipeline.runner import Done, ShardRunner
-    from app.schemas import Reading
+    from app.pipeline.wire import Packed
 
 # A ``*_created`` series per counter and histogram is noise to a Prometheus user (rate()
 # does not need it) and costs a series each: off for the whole process.
@@ -271,16 +271,16 @@ class Metrics:
         reason = WS_REFUSAL_REASONS.get(status, str(status))
         self.ws_refused[reason] = self.ws_refused.get(reason, 0) + 1
 
-    def observe_batch(self, readings: list[Reading], done: Done) -> None:
+    def observe_batch(self, batch: Packed, done: Done) -> None:
         """Record a batch just published (called by the model stage, once per batch)."""
-        count = len(readings)
+        count = batch.size
         if count:
             self.batch_size.observe(count)
             now = time.time()
-            oldest = now - readings[0].ingested_at
+            oldest = now - batch.first_ingested_at
             self.latency.observe(oldest)
             if count > 1:
-                self.latency.observe(now - readings[-1].ingested_at)
+                self.latency.observe(now - batch.last_ingested_at)
             self.recent_latency_s.append((time.monotonic(), oldest))
         if done.task_s is not None:
             self.pool_seconds.observe(done.task_s)

@@ -95,7 +95,7 @@ class LeaseLost(Exception):
 class _Batch:
     __slots__ = ("ids", "readings", "done")
 
-    def __init__(self, ids: list[bytes], readings: list[Reading], done: asyncio.Future[Done]):
+    def __init__(self, ids: list[bytes], readings: wire.Packed, done: asyncio.Future[Done]):
         self.ids = ids
         self.readings = readings
         self.done = done
@@ -374,11 +374,13 @@ class _Partition:
         done: asyncio.Future[Done]
         if readings:
             await self.resume(readings)
-            done = self.runner.submit(readings)
+            batch = wire.pack(readings)
+            done = self.runner.submit(batch)
         else:
+            batch = wire.Packed(b"", 0, 0.0, 0.0)
             done = asyncio.get_running_loop().create_future()
             done.set_result(Done(wire.BatchOutcome(b"", 0, 0, 0), None))
-        self.in_flight.append(_Batch(ids, readings, done))
+        self.in_flight.append(_Batch(ids, batch, done))
 
     async def resume(self, readings: list[Reading]) -> None:
         """Before the first readings of a sensor in this ownership: bring its model back from
@@ -412,18 +414,18 @@ class _Partition:
         outcome = done.outcome
         worker = self.worker
         first = await worker.backend.publish_and_ack(
-            outcome.payload, outcome.messages, self.p, self.token, len(batch.readings), batch.ids
+            outcome.payload, outcome.messages, self.p, self.token, batch.readings.size, batch.ids
         )
         if first < 0:
             raise LeaseLost
         self.in_flight.popleft()
         self.last_acked = batch.ids[-1]
-        worker.processed += len(batch.readings)
+        worker.processed += batch.readings.size
         if outcome.messages:
             worker.published += outcome.messages
             worker.last_seq = max(worker.last_seq, first + outcome.messages - 1)
-        self.cadence.add(len(batch.readings))
-        if worker.observer is not None and batch.readings:
+        self.cadence.add(batch.readings.size)
+        if worker.observer is not None and batch.readings.size:
             worker.observer(batch.readings, done)
 
     async def checkpoint(self) -> None:

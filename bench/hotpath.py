@@ -2,8 +2,9 @@
 
 Everything but the model runs in the service process, on one event loop and under one GIL,
 so the sum of these steps bounds the end-to-end throughput whatever the number of model
-processes: parse a 1,000-reading body, admit it, pack the batch into the blob a model process
-takes (``wire.encode_readings``; the executor then pickles one bytes object), unpickle what
+processes: parse a 1,000-reading body, admit it (each shard's share packed as it is queued:
+``wire.pack``), join a batch's shares into the blob a model process takes (``wire.join``; the
+executor then pickles one bytes object), unpickle what
 comes back (a ``BatchOutcome``: one blob and a few counts), publish it, make the frames and
 dispatch them in the hub, and join a ``batch=true`` frame. Each step is timed alone on the
 same data, median of repeats. The model stage's own cost (``run_batch`` in a model process)
@@ -74,11 +75,10 @@ def main() -> None:
         Ingestor(queues, RecentIds(600, 10**6)).offer(readings)
 
     async def run_async_steps() -> None:
-        steps["admit (dedup, shard, queue)"] = timed(admit, budget)
-        steps["pack batch for a model process"] = timed(
-            lambda: pickle.dumps(
-                (shard.run_batch, (wire.encode_readings(readings),), {}), protocol=5
-            ),
+        steps["admit (dedup, shard, pack, queue)"] = timed(admit, budget)
+        shares = [wire.pack(readings[: N // 2]), wire.pack(readings[N // 2 :])]
+        steps["batch for a model process (join the shares, pickle the call)"] = timed(
+            lambda: pickle.dumps((shard.run_batch, (wire.join(shares).blob,), {}), protocol=5),
             budget,
         )
         steps["unpickle the outcome"] = timed(lambda: pickle.loads(outcome_bytes), budget)

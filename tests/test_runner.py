@@ -54,7 +54,7 @@ def chunks(items: list[Reading], size: int) -> list[list[Reading]]:
 
 
 async def run_all(runner: ShardRunner, batches: list[list[Reading]]) -> list[wire.BatchOutcome]:
-    futures = [runner.submit(batch) for batch in batches]
+    futures = [runner.submit(wire.pack(batch)) for batch in batches]
     return [(await f).outcome for f in futures]
 
 
@@ -130,7 +130,7 @@ async def test_calls_queued_during_a_recovery_run_after_it_in_order() -> None:
         await run_all(runner, data[:2])
         assert runner.pid is not None
         os.kill(runner.pid, signal.SIGKILL)
-        futures = [runner.submit(batch) for batch in data[2:]]
+        futures = [runner.submit(wire.pack(batch)) for batch in data[2:]]
         done = await asyncio.gather(*futures)
     ids = [f["id"] for d in done for kind, f in messages([d.outcome]) if kind == "prediction"]
     assert ids == [r.id for batch in data[2:] for r in batch]

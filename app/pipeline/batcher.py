@@ -1,11 +1,13 @@
 """The embedded driver of a shard: queue -> runner -> publisher.
 
 One task per shard drains the shard's queue into batches by size or deadline (giving
-stragglers ``batch_window_ms`` to join a batch that is not full), hands them to the shard's
-:class:`~app.pipeline.runner.ShardRunner` with up to ``batches_in_flight`` queued there so the
-model process never waits for this one between two batches, and publishes each outcome in the
-order the batches were taken, so per-sensor order holds end to end. What happens between a
-batch and its predictions (checkpoints, a dead process, a poison reading) is the runner's.
+stragglers ``batch_window_ms`` to join a batch that is not full), of whole request shares
+packed at admission (``wire.Packed``: a batch is their joined bytes); hands them to the
+shard's :class:`~app.pipeline.runner.ShardRunner` with up to ``batches_in_flight`` queued
+there so the model process never waits for this one between two batches, and publishes each
+outcome in the order the batches were taken, so per-sensor order holds end to end. What
+happens between a batch and its predictions (checkpoints, a dead process, a poison reading)
+is the runner's.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from app.pipeline import wire
 from app.pipeline.ingest import ShardQueue
 from app.pipeline.publish import Publisher
 from app.pipeline.runner import Done, ShardRunner
-from app.schemas import Reading
-from app.turns import turn
 
 log = logging.getLogger(__name__)
 
-BatchObserver = Callable[[list[Reading], Done], None]
+BatchObserver = Callable[[wire.Packed, Done], None]
 """Called once per published batch with its readings and what the runner returned; see
 ``app.metrics.Metrics.observe_batch``."""
 
@@ -69,7 +70,7 @@ class Batcher:
 
     async def _run(self) -> None:
         queue = self.queue
-        pending: deque[tuple[list[Reading], asyncio.Future[Done]]] = deque()
+        pending: deque[tuple[wire.Packed, asyncio.Future[Done]]] = deque()
         while True:
             if not pending:
                 while not queue.waiting:
@@ -80,9 +81,8 @@ class Batcher:
                 if queue.waiting < self.max_size and self.window_s > 0 and not self._closing:
                     await asyncio.sleep(self.window_s)
             while len(pending) < self.in_flight and queue.waiting:
-                async with turn():  # encoding a batch of thousands takes a millisecond or two
-                    readings = queue.take(self.max_size)
-                    pending.append((readings, self.runner.submit(readings)))
+                batch = queue.take(self.max_size)
+                pending.append((batch, self.runner.submit(batch)))
             head = pending[0][1]
             if len(pending) < self.in_flight and not queue.waiting:
                 # Wake for the head's outcome or for new readings, whichever comes first.
@@ -93,11 +93,11 @@ class Batcher:
             else:
                 await asyncio.wait((head,))
             if head.done():
-                readings, future = pending.popleft()
+                batch, future = pending.popleft()
                 done = future.result()
                 try:
                     await self.publisher.publish(done.outcome.payload, done.outcome.messages)
                 finally:
-                    queue.done(len(readings))
+                    queue.done(batch.size)
                 if self.observer is not None:
-                    self.observer(readings, done)
+                    self.observer(batch, done)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+from app.pipeline import wire
 from app.pipeline.routing import split_by_shard
 from app.schemas import Reading, TooLarge
 
@@ -198,7 +199,7 @@ async def sweep_idle(idle_s: float, evict_idle: Callable[[float], Awaitable[obje
 
 
 class ShardQueue:
-    """Readings accepted for one shard and not yet published.
+    """Readings accepted for one shard and not yet published, packed by request share.
 
     ``capacity`` bounds readings waiting *and* in flight in the worker: a reading leaves the
     count only once its prediction is published, so a slow model stage fills the queue and
@@ -210,7 +211,7 @@ class ShardQueue:
         self.capacity = capacity
         self.pending = 0
         """Readings admitted and not yet published."""
-        self._waiting: deque[list[Reading]] = deque()
+        self._waiting: deque[wire.Packed] = deque()
         self._waiting_count = 0
         self.ready = asyncio.Event()
         self.freed: asyncio.Event | None = None
@@ -220,30 +221,39 @@ class ShardQueue:
     def free(self) -> int:
         return self.capacity - self.pending
 
-    def put(self, readings: list[Reading]) -> None:
+    def put(self, readings: wire.Packed) -> None:
         self._waiting.append(readings)
-        self._waiting_count += len(readings)
-        self.pending += len(readings)
+        self._waiting_count += readings.size
+        self.pending += readings.size
         self.ready.set()
 
     @property
     def waiting(self) -> int:
         return self._waiting_count
 
-    def take(self, limit: int) -> list[Reading]:
-        """Up to ``limit`` waiting readings, oldest first."""
-        batch: list[Reading] = []
-        while self._waiting and len(batch) < limit:
-            chunk = self._waiting.popleft()
-            room = limit - len(batch)
-            if len(chunk) > room:
-                self._waiting.appendleft(chunk[room:])
-                chunk = chunk[:room]
-            batch.extend(chunk)
-        self._waiting_count -= len(batch)
-        if not self._waiting:
+    def take(self, limit: int) -> wire.Packed:
+        """The oldest waiting readings, whole request shares, as many as fit ``limit`` (a
+        share larger than it goes alone), as one packed batch. Only while some wait.
+
+        Examples:
+            >>> from app.schemas import Reading
+            >>> queue = ShardQueue(100)
+            >>> for n in (3, 4, 5):
+            ...     queue.put(wire.pack([Reading("a", None, 0.0, ("v",), (0.0,), 0.0)] * n))
+            >>> queue.take(8).size, queue.take(2).size, queue.waiting, queue.pending
+            (7, 5, 0, 12)
+        """
+        waiting = self._waiting
+        parts = [waiting.popleft()]
+        count = parts[0].size
+        while waiting and count + waiting[0].size <= limit:
+            part = waiting.popleft()
+            parts.append(part)
+            count += part.size
+        self._waiting_count -= count
+        if not waiting:
             self.ready.clear()
-        return batch
+        return wire.join(parts)
 
     def done(self, count: int) -> None:
         self.pending -= count
@@ -406,7 +416,7 @@ class Ingestor:
         self.registry.touch(ids, now)
         for queue, share in zip(self.queues, per_shard, strict=True):
             if share:
-                queue.put(share)
+                queue.put(wire.pack(share))
         for key in keys:
             recent.add(key, now)
         return len(fresh), len(readings) - len(fresh)

@@ -226,17 +226,16 @@ class ShardRunner:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def submit(self, readings: list[Reading]) -> asyncio.Future[Done]:
+    def submit(self, batch: wire.Packed) -> asyncio.Future[Done]:
         """Queue a batch; its future yields the outcome once every earlier call completed.
 
         The future never fails for a dead process or a poison reading: those readings get
         error predictions in the outcome.
         """
-        blob = wire.encode_readings(readings)
         future: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
-        self._queue(_Call(shard.run_batch, (blob,), future, blob, len(readings)))
+        self._queue(_Call(shard.run_batch, (batch.blob,), future, batch.blob, batch.size))
         self.batches += 1
-        self.cadence.add(len(readings))
+        self.cadence.add(batch.size)
         if self.cadence.due():
             # Queued right behind the batch, the export reflects exactly the batches before.
             self.cadence.reset()

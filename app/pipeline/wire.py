@@ -200,6 +200,78 @@ def encode_readings(readings: list[Reading]) -> bytes:
     return _pack.encode(readings)
 
 
+class Packed(NamedTuple):
+    """Readings packed as they wait for and cross into a model process: one msgpack array
+    (:func:`encode_readings`), with what the service needs of them without unpacking.
+
+    Packed at admission, a queued reading takes about 50 bytes instead of the 250-300 of its
+    struct, strings and floats, so a queue can hold seconds of model work for little memory,
+    and a batch is the joined bytes of its requests' shares.
+    """
+
+    blob: bytes
+    size: int
+    """Readings in it."""
+    first_ingested_at: float
+    last_ingested_at: float
+
+
+def pack(readings: list[Reading]) -> Packed:
+    """``readings`` (at least one) packed.
+
+    Examples:
+        >>> r = Reading("a", None, 1.0, ("v",), (2.0,), 5.0)
+        >>> packed = pack([r, r])
+        >>> packed.size, decode_readings(packed.blob) == [r, r], packed.last_ingested_at
+        (2, True, 5.0)
+    """
+    return Packed(
+        _pack.encode(readings), len(readings), readings[0].ingested_at, readings[-1].ingested_at
+    )
+
+
+def join(parts: list[Packed]) -> Packed:
+    """One array of the readings of ``parts`` (at least one), in order, without unpacking.
+
+    Examples:
+        >>> rs = [Reading(str(n), None, 1.0, ("v",), (2.0,), float(n)) for n in range(70_000)]
+        >>> parts = [pack(rs[:3]), pack(rs[3:20]), pack(rs[20:])]
+        >>> joined = join(parts)
+        >>> decode_readings(joined.blob) == rs, joined.size, joined.first_ingested_at
+        (True, 70000, 0.0)
+        >>> join(parts[:1]) is parts[0]
+        True
+    """
+    if len(parts) == 1:
+        return parts[0]
+    count = 0
+    items: list[bytes | memoryview] = [b""]
+    for part in parts:
+        count += part.size
+        items.append(memoryview(part.blob)[_array_header_size(part.blob[0]) :])
+    items[0] = _array_header(count)
+    return Packed(b"".join(items), count, parts[0].first_ingested_at, parts[-1].last_ingested_at)
+
+
+def _array_header_size(first: int) -> int:
+    """Bytes of a msgpack array's header, from its first byte."""
+    if first & 0xF0 == 0x90:  # fixarray: up to 15 items
+        return 1
+    if first == 0xDC:  # array 16
+        return 3
+    if first == 0xDD:  # array 32
+        return 5
+    raise ValueError(f"not a msgpack array: first byte {first:#x}")
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
 def decode_readings(blob: bytes) -> list[Reading]:
     return _unpack_readings.decode(blob)
 
