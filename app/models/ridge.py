@@ -865,7 +865,9 @@ class RidgeForecaster:
         baseline = self._baseline
         if baseline is None or not any(baseline):
             return None
-        recent = list(self._values)[-(SMOOTH - 1) :]
+        # The last readings of the window (a deque: indexed from its end, not copied whole).
+        values = self._values
+        recent = [values[i] for i in range(-min(SMOOTH - 1, len(values)), 0)]
         judged = away = False
         for o, channel in enumerate(baseline):
             if channel is None:
