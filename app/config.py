@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.models.alarms import AlarmOptions
@@ -136,7 +136,9 @@ class Settings(BaseSettings):
     work (the model stage takes tens of thousands of readings a second per shard): more than
     the 1 s a refused client waits (``Retry-After``), so the model processes do not run dry
     while it does, and packed (about 50 bytes a reading) it costs little memory. A larger
-    queue only makes predictions later under overload."""
+    queue only makes predictions later under overload. On Redis it bounds each partition's
+    stream instead, and its default is the Redis topologies' (25,000: ``partitions`` streams
+    of it already hold seconds of work; see ``app.backends.TOPOLOGIES``)."""
     admission_wait_ms: float = Field(0.0, ge=0, le=60_000)
     """How long a request that finds the shard queues full waits for room before it is
     refused with 503 (behind the requests that waited before it); 0, the default, refuses at
@@ -312,6 +314,14 @@ class Settings(BaseSettings):
         if value.startswith("redis+sentinel://"):
             load("app.backends.redis:sentinel_address", topology.extra)(value)
         return value
+
+    @model_validator(mode="after")
+    def _topology_defaults(self) -> Settings:
+        if "queue_max_readings" not in self.model_fields_set:
+            from app.backends import topology_of
+
+            self.queue_max_readings = topology_of(self.backend).queue_max_readings
+        return self
 
     def model_options(self) -> ModelOptions:
         """The options every model instance is built with."""

@@ -6,7 +6,8 @@ through a custom collector, rather than updating metric objects per reading: an 
 increment costs nothing next to a ``Counter.inc()`` behind a lock, and the scrape is rare.
 
 Where a distribution is needed (batch sizes, pool time, latency) it is observed once per
-*batch*, never per reading: a batch holds about ``batch_max_size`` readings, so the cost per
+*batch*, never per reading: a batch holds up to ``batch_max_size`` readings (or one request's
+share, where that is larger), so the cost per
 reading shrinks as load grows. The POST-to-broadcast latency of a batch is observed for its
 oldest and its newest reading (readings of a shard's batch are in admission order), which
 bounds every reading's latency in the batch from both sides. The histogram therefore counts

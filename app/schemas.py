@@ -50,10 +50,12 @@ class ReadingIn(msgspec.Struct, forbid_unknown_fields=True):
 class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A validated reading, as it travels through the pipeline and to the model processes.
 
-    A struct the garbage collector does not track (its fields cannot form cycles): up to
-    ``queue_max_readings`` of them wait per shard, and as NamedTuples (tuple subclasses,
-    which CPython never untracks) every full collection walked them all, a pause of the event
-    loop of 60-90 ms at saturation. ``array_like``: packed as an array, as compact as a tuple.
+    A struct the garbage collector does not track (its fields cannot form cycles): a request
+    parses into thousands of them and a model process unpacks a batch of thousands, and as
+    NamedTuples (tuple subclasses, which CPython never untracks) they made every collection
+    meanwhile walk them all (when they waited in the shard queues, a pause of the event loop
+    of 60-90 ms at saturation; they wait packed now). ``array_like``: packed as an array, as
+    compact as a tuple.
     """
 
     sensor_id: str

@@ -15,9 +15,8 @@ process; every other part runs in processes of its own, as in production:
   the service's RSS is read from ``/proc`` before the load and every second of it.
 
 The end-to-end rate is set against the model stage alone, measured in the same run on the
-same work (``bench.scaling.run_runners`` with one model process per core, the load's sensors
-split among them as the service splits them, in batches of ``batch_max_size``: the size the
-service's batches reach at saturation, where the queues are full). The same load then
+same work (``bench.scaling.run_runners`` with one model process per core, on the batches
+the service's model processes get under this load: :func:`load_work`). The same load then
 runs with ``admission_wait_ms=1000`` (requests wait for room in full queues; shorter window),
 with ``loop_slice_us=0`` (the event loop on the kernel's default time slice; as short), then
 on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
@@ -41,9 +40,14 @@ from typing import Any
 import httpx
 
 from app.config import Settings
+from app.pipeline import wire
+from app.pipeline.ingest import ShardQueue
+from app.pipeline.routing import split_by_shard
 from bench._common import ROOT, Results, Server, parse_args, service
+from bench._workload import Stream, sensor_ids
 from bench.e2e import result_of, subscribe
 from bench.scaleout import redis_server, worker
+from bench.scaling import Work
 
 LOADGENS = 2
 CONNECTIONS = 3
@@ -87,6 +91,38 @@ def _result(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line[7:])
             return result
     raise RuntimeError(f"{proc.args!r} gave no result: {out[-1000:]}")
+
+
+def load_work() -> Work:
+    """The batches the service's model processes get under this load, for the model stage
+    alone: each connection's requests of 1,000 readings of its own sensors (as
+    ``bench/_loadgen.py`` sends them), taken in turn, split by shard and queued as the
+    service queues them, and cut into batches by the service's own ``ShardQueue.take``."""
+    streams = [
+        Stream(sensor_ids(SENSORS_PER_CONNECTION, prefix=f"g{n}c{c}"))
+        for n in range(LOADGENS)
+        for c in range(CONNECTIONS)
+    ]
+    limit = Settings().batch_max_size
+
+    def work(shards: int, until: int) -> list[list[wire.Packed]]:
+        queues = [ShardQueue(1 << 62) for _ in range(shards)]
+        while min(s.per_sensor for s in streams) < until:
+            for stream in streams:
+                for queue, share in zip(
+                    queues, split_by_shard(stream.take(1_000), shards), strict=True
+                ):
+                    if share:
+                        queue.put(wire.pack(share))
+        out: list[list[wire.Packed]] = []
+        for queue in queues:
+            batches = []
+            while queue.waiting:
+                batches.append(queue.take(limit))
+            out.append(batches)
+        return out
+
+    return work
 
 
 def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
@@ -230,18 +266,10 @@ def main() -> None:
 
     from bench.scaling import run_runners
 
-    sensors = LOADGENS * CONNECTIONS * SENSORS_PER_CONNECTION
-    stage = asyncio.run(
-        run_runners(
-            cores,
-            300 if args.quick else 700,
-            sensors_per_shard=sensors // cores,
-            batch=Settings().batch_max_size,
-        )
-    )
+    stage = asyncio.run(run_runners(cores, 300 if args.quick else 700, work=load_work()))
     results.row(
-        "saturation", f"model stage alone, {cores} processes, the load's {sensors} sensors",
-        stage, "readings/s",
+        "saturation", f"model stage alone, {cores} processes, the load's batches", stage,
+        "readings/s",
     )  # fmt: skip
 
     with service(log_level="info") as svc:

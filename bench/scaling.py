@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 
 from app.config import Settings
 from app.pipeline import wire
@@ -41,21 +42,35 @@ async def _drive(runner: ShardRunner, batches: list[wire.Packed], in_flight: int
     return predicted
 
 
+Work = Callable[[int, int], list[list[wire.Packed]]]
+"""``work(shards, until)``: the next batches of each shard, packed, until every sensor has
+had ``until`` readings."""
+
+
+def shard_streams(
+    shards: int, sensors_per_shard: int = SENSORS_PER_SHARD, batch: int = BATCH
+) -> Work:
+    """This bench's work: each shard its own ``sensors_per_shard`` sensors, round robin, in
+    batches of ``batch`` readings, packed before timing as the service packs at admission."""
+    streams = [Stream(sensor_ids(sensors_per_shard, shard=i, shards=shards)) for i in range(shards)]
+
+    def work(_: int, until: int) -> list[list[wire.Packed]]:
+        return [[wire.pack(b) for b in s.until(until, batch)] for s in streams]
+
+    return work
+
+
 async def run_runners(
-    shards: int,
-    per_sensor: int,
-    settings: Settings | None = None,
-    *,
-    sensors_per_shard: int = SENSORS_PER_SHARD,
-    batch: int = BATCH,
+    shards: int, per_sensor: int, settings: Settings | None = None, *, work: Work | None = None
 ) -> float:
-    """Readings/s of ``shards`` model processes, each with ``sensors_per_shard`` sensors in
-    batches of ``batch`` readings, after every sensor's first fit.
+    """Readings/s of ``shards`` model processes on ``work`` (:func:`shard_streams` unless
+    given), timed after every sensor's first fit.
 
     The more sensors share a batch, the fewer readings each has in it, and the more of the
     per-sensor work of a batch each reading carries: a baseline runs the sensors and batches
     of the load it is set against."""
     settings = settings or Settings()
+    work = work or shard_streams(shards)
     spec = settings.process_spec()
     runners = [
         ShardRunner(
@@ -68,23 +83,19 @@ async def run_runners(
     ]
     await asyncio.gather(*(r.start() for r in runners))
     try:
-        streams = [
-            Stream(sensor_ids(sensors_per_shard, shard=i, shards=shards)) for i in range(shards)
-        ]
         warm = first_fit_readings(settings.model_options()) + 16
         in_flight = settings.batches_in_flight
-        # Packed before timing, as the service packs them at admission.
-        warm_work = [[wire.pack(b) for b in s.until(warm, batch)] for s in streams]
+        warm_work = work(shards, warm)
         await asyncio.gather(
             *(_drive(r, w, in_flight) for r, w in zip(runners, warm_work, strict=True))
         )
-        work = [[wire.pack(b) for b in s.until(per_sensor, batch)] for s in streams]
+        timed = work(shards, per_sensor)
         started = time.perf_counter()
         predicted = await asyncio.gather(
-            *(_drive(r, w, in_flight) for r, w in zip(runners, work, strict=True))
+            *(_drive(r, w, in_flight) for r, w in zip(runners, timed, strict=True))
         )
         elapsed = time.perf_counter() - started
-        expected = sum(b.size for w in work for b in w)
+        expected = sum(b.size for w in timed for b in w)
         if sum(predicted) != expected:
             raise RuntimeError(f"{sum(predicted)} readings predicted of {expected}")
         return expected / elapsed

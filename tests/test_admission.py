@@ -10,6 +10,7 @@ import tracemalloc
 import httpx
 import pytest
 
+from app.config import Settings
 from app.pipeline import wire
 from app.pipeline.ingest import Ingestor, Overloaded, RecentIds, ShardQueue
 from app.pipeline.routing import split_by_shard
@@ -25,6 +26,23 @@ def _readings(sensor: str, n: int) -> list[Reading]:
 def _ingestor(capacity: int) -> tuple[Ingestor, ShardQueue]:
     queue = ShardQueue(capacity)
     return Ingestor([queue], RecentIds(window_s=60, max_ids=1000)), queue
+
+
+@pytest.mark.parametrize(
+    ("backend", "default"),
+    [("memory://", 100_000), ("redis://127.0.0.1:6379/0", 25_000),
+     ("redis+sentinel://127.0.0.1:26379/main", 25_000)],
+)  # fmt: skip
+def test_the_queue_bound_defaults_by_topology_and_a_set_value_wins(
+    backend: str, default: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per shard queue in the service (packed, seconds of work) or per partition stream in
+    Redis (16 of them): each topology's own default, unless the setting is given."""
+    assert Settings(backend=backend).queue_max_readings == default
+    assert Settings(backend=backend, queue_max_readings=500).queue_max_readings == 500
+    monkeypatch.setenv("SENSORCAST_BACKEND", backend)
+    monkeypatch.setenv("SENSORCAST_QUEUE_MAX_READINGS", "700")
+    assert Settings().queue_max_readings == 700
 
 
 def test_queued_readings_are_packed_and_batches_are_whole_shares_in_order() -> None:

@@ -23,18 +23,23 @@ class Topology(NamedTuple):
     """``module:Class`` of what admits readings in an API process (see ``app/api/deps.py``)."""
     extra: str | None = None
     """The optional dependency it needs, if any."""
+    queue_max_readings: int = 100_000
+    """The default of the setting: per shard queue in the service's memory (packed, about
+    50 bytes a reading), or per partition stream in Redis."""
 
 
 TOPOLOGIES: dict[str, Topology] = {
     "memory": Topology("app.backends.memory:MemoryBackend", "app.pipeline.pipeline:Pipeline"),
+    # Per partition on Redis: ``partitions`` of them (16) already wait for a few workers'
+    # model processes, seconds of work at this bound.
     "redis": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
+        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
     ),
     "rediss": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
+        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
     ),
     "redis+sentinel": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis"
+        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
     ),
 }
 

@@ -221,10 +221,10 @@ class ShardQueue:
     def free(self) -> int:
         return self.capacity - self.pending
 
-    def put(self, readings: wire.Packed) -> None:
-        self._waiting.append(readings)
-        self._waiting_count += readings.size
-        self.pending += readings.size
+    def put(self, share: wire.Packed) -> None:
+        self._waiting.append(share)
+        self._waiting_count += share.size
+        self.pending += share.size
         self.ready.set()
 
     @property
