@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.backends import TOPOLOGIES, topology_of
 from app.models.alarms import AlarmOptions
 from app.models.base import ModelOptions
 from app.scheduling import MAX_SLICE_US, MIN_SLICE_US
@@ -130,7 +131,7 @@ class Settings(BaseSettings):
     with Retry-After (the readings may be retried: their ids make the retry safe)."""
 
     # Pipeline
-    queue_max_readings: int = Field(100_000, ge=1)
+    queue_max_readings: int = Field(TOPOLOGIES["memory"].queue_max_readings, ge=1)
     """Readings accepted but not yet predicted, per shard; beyond it POST answers 503 (after
     waiting up to ``admission_wait_ms`` for room, where that is set). A few seconds of model
     work (the model stage takes tens of thousands of readings a second per shard): more than
@@ -318,8 +319,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _topology_defaults(self) -> Settings:
         if "queue_max_readings" not in self.model_fields_set:
-            from app.backends import topology_of
-
             self.queue_max_readings = topology_of(self.backend).queue_max_readings
         return self
 

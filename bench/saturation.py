@@ -41,8 +41,7 @@ import httpx
 
 from app.config import Settings
 from app.pipeline import wire
-from app.pipeline.ingest import ShardQueue
-from app.pipeline.routing import split_by_shard
+from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
 from bench._common import ROOT, Results, Server, parse_args, service
 from bench._workload import Stream, sensor_ids
 from bench.e2e import result_of, subscribe
@@ -96,8 +95,8 @@ def _result(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
 def load_work() -> Work:
     """The batches the service's model processes get under this load, for the model stage
     alone: each connection's requests of 1,000 readings of its own sensors (as
-    ``bench/_loadgen.py`` sends them), taken in turn, split by shard and queued as the
-    service queues them, and cut into batches by the service's own ``ShardQueue.take``."""
+    ``bench/_loadgen.py`` sends them), taken in turn, admitted by the service's own
+    ``Ingestor`` and cut into batches by its ``ShardQueue.take``."""
     streams = [
         Stream(sensor_ids(SENSORS_PER_CONNECTION, prefix=f"g{n}c{c}"))
         for n in range(LOADGENS)
@@ -107,13 +106,10 @@ def load_work() -> Work:
 
     def work(shards: int, until: int) -> list[list[wire.Packed]]:
         queues = [ShardQueue(1 << 62) for _ in range(shards)]
+        ingestor = Ingestor(queues, RecentIds(window_s=0, max_ids=0))
         while min(s.per_sensor for s in streams) < until:
             for stream in streams:
-                for queue, share in zip(
-                    queues, split_by_shard(stream.take(1_000), shards), strict=True
-                ):
-                    if share:
-                        queue.put(wire.pack(share))
+                ingestor.offer(stream.take(1_000))
         out: list[list[wire.Packed]] = []
         for queue in queues:
             batches = []

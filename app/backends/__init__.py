@@ -28,19 +28,17 @@ class Topology(NamedTuple):
     50 bytes a reading), or per partition stream in Redis."""
 
 
+# Per partition on Redis: ``partitions`` of them (16) already wait for a few workers' model
+# processes, seconds of work at this bound.
+_REDIS = Topology(
+    "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
+)
+
 TOPOLOGIES: dict[str, Topology] = {
     "memory": Topology("app.backends.memory:MemoryBackend", "app.pipeline.pipeline:Pipeline"),
-    # Per partition on Redis: ``partitions`` of them (16) already wait for a few workers'
-    # model processes, seconds of work at this bound.
-    "redis": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
-    ),
-    "rediss": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
-    ),
-    "redis+sentinel": Topology(
-        "app.backends.redis:RedisBackend", "app.pipeline.remote:RemoteIngest", "redis", 25_000
-    ),
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "redis+sentinel": _REDIS,
 }
 
 
