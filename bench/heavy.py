@@ -2,14 +2,12 @@
 
 ``SENSORCAST_MODEL=bench.heavy:Model``. Scoring is the baseline's cheap z-score
 (:class:`app.models.simple.RollingZScore`), but every ``retrain_every`` readings of a sensor
-ask for a refit that trains an IsolationForest on 2,000 rows resampled from the sensor's
-window: the kind of fit that stalls an event loop for 100 ms or more when it runs there,
-which is what ``bench/loop_lag.py`` shows side by side for the executors.
+refit the model inline, training an IsolationForest on 2,000 rows resampled from the
+sensor's window first: the kind of fit that stalls an event loop for 100 ms or more when it
+runs there, which is what ``bench/loop_lag.py`` shows side by side for the executors.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 
@@ -30,13 +28,14 @@ class Model(RollingZScore):
         # The benchmark's own refit cadence, whatever the service's model settings say.
         super().__init__(sensor_id, channels)
 
-    @classmethod
-    def fit(cls, job: Any) -> Any:
+    def _refit(self) -> None:
+        # Inline, where the model runs (models refit inline: app/models/base.py): on the event
+        # loop with SENSORCAST_EXECUTOR=inline, in a model process by default.
         from sklearn.ensemble import IsolationForest
 
-        window: FloatArray = job
+        window: FloatArray = self._window
         rng = np.random.default_rng(len(window))
-        rows = window[rng.integers(0, len(window), cls.fit_rows)]
+        rows = window[rng.integers(0, len(window), self.fit_rows)]
         rows = rows + rng.normal(0, 1e-3, rows.shape)
-        IsolationForest(n_estimators=cls.trees, random_state=0).fit(rows)
-        return RollingZScore.fit(job)
+        IsolationForest(n_estimators=self.trees, random_state=0).fit(rows)
+        super()._refit()
