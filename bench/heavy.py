@@ -27,6 +27,8 @@ class Model(RollingZScore):
     ) -> None:
         # The benchmark's own refit cadence, whatever the service's model settings say.
         super().__init__(sensor_id, channels)
+        self.forests = 0
+        """IsolationForests trained: one per refit, or the benchmark compares nothing."""
 
     def _refit(self) -> None:
         # Inline, where the model runs (models refit inline: app/models/base.py): on the event
@@ -38,4 +40,5 @@ class Model(RollingZScore):
         rows = window[rng.integers(0, len(window), self.fit_rows)]
         rows = rows + rng.normal(0, 1e-3, rows.shape)
         IsolationForest(n_estimators=self.trees, random_state=0).fit(rows)
+        self.forests += 1
         super()._refit()

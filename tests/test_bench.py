@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import readme
+from bench.heavy import Model as HeavyModel
 from tests.conftest import ROOT
 
 
@@ -144,8 +146,6 @@ def test_nab_scoring_rules() -> None:
     """The real-data benchmark scores windows, false-alarm events and alarms as its data says."""
     import doctest
 
-    import numpy as np
-
     from bench import nab
 
     assert doctest.testmod(nab).failed == 0
@@ -209,3 +209,14 @@ def test_readme_nab_figures_are_what_the_committed_json_gives() -> None:
     text = (ROOT / "README.md").read_text()
     assert nab.readme_text(text, data) == text
     assert data["details"]["modes"]["bulk"]["overall"]["series"] == 50
+
+
+def test_the_heavy_model_trains_a_forest_at_every_refit() -> None:
+    """The loop-lag benchmark's model does its heavy work where the model refits: a fit path
+    the service no longer calls would leave every executor with the cheap refit alone."""
+    model = HeavyModel("heavy-0", ("value",))
+    values = np.random.default_rng(3).normal(20.0, 1.0, (450, 1))
+    model.observe(np.arange(450.0), values)
+    # Fits at 16 readings, then every 200: at 16, 216 and 416.
+    assert model.version == 3
+    assert model.forests == model.version
