@@ -160,9 +160,9 @@ def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
     return runs
 
 
-_Out = tuple[Any, float, bool, Explanation, "Sequence[Any] | None", int, tuple[str, ...]]
+_Out = tuple[Any, float, bool, Explanation, "Sequence[Any] | None", int]
 """What the model said of one reading: (forecast, score, flag, explanation, the alarm events
-it tracked or None, version that scored it, the model's channels)."""
+it tracked or None, version that scored it)."""
 
 
 def _observe(
@@ -204,7 +204,6 @@ def _rows(model: SensorModel, obs: Any, k: int) -> list[_Out]:
             explanation,
             alarms,
             versions,
-            repeat(model.channels, k),
             strict=True,
         )  # fmt: skip
     )
@@ -230,7 +229,11 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     readings = wire.decode_readings(blob)
     by_sensor: dict[str, list[int]] = {}
     for i, r in enumerate(readings):
-        by_sensor.setdefault(r.sensor_id, []).append(i)
+        group = by_sensor.get(r.sensor_id)
+        if group is None:
+            by_sensor[r.sensor_id] = [i]
+        else:
+            group.append(i)
 
     # By reading: its prediction message, in the batch's order; a model frame for a fit the
     # model did not place (it reports no per-row versions); the model and alarm messages it
@@ -242,7 +245,7 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     fit_seconds: list[float] = []
     fit_failures = 0
     raised = cleared = anomalies = 0
-    stamps: dict[float, datetime] = {}
+    stamps = wire.Stamps()
     prediction_body = wire.prediction_body
     for sensor_id, indices in by_sensor.items():
         for run in _runs(readings, indices):
@@ -262,6 +265,8 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                 observe = model.observe
                 ts, values = np.array(ts, dtype=np.float64), np.array(rows, dtype=np.float64)
             version = model.version
+            names = model.channels
+            one = len(names) == 1
             try:
                 scored = _observe(model, observe, ts, values)
             except Exception as exc:
@@ -275,12 +280,12 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                 if out.__class__ is str:
                     if not replay:
                         body = prediction_body(
-                            r, "error", version, predicted_at, reason=out, stamps=stamps
+                            r, "error", version, predicted_at, None, None, False, out, (), stamps
                         )
                         said[i] = ("prediction", sensor_id, False, body)
                     previous = i
                     continue
-                forecast, score, flag, explanation, events, scored_by, model_channels = out
+                forecast, score, flag, explanation, events, scored_by = out
                 if scored_by != version:
                     # Refitted after the previous reading: its frame follows that one.
                     version = scored_by
@@ -305,16 +310,17 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                             ("alarm", sensor_id, True, wire.alarm_body(sensor_id, event))
                         )
                 if score != score:  # NaN: still warming up
-                    body = prediction_body(r, "warming_up", version, predicted_at, stamps=stamps)
+                    body = prediction_body(
+                        r, "warming_up", version, predicted_at, None, None, False, None, (), stamps
+                    )
                     said[i] = ("prediction", sensor_id, False, body)
                     continue
                 anomaly = bool(flag)
                 anomalies += anomaly
                 body = prediction_body(
                     r, "ok", version, predicted_at,
-                    forecast=dict(zip(model_channels, forecast or (), strict=True)),
-                    score=score, is_anomaly=anomaly,
-                    explanation=explanation if anomaly else (), stamps=stamps,
+                    {names[0]: forecast[0]} if one else dict(zip(names, forecast, strict=True)),
+                    score, anomaly, None, explanation if anomaly else (), stamps,
                 )  # fmt: skip
                 said[i] = ("prediction", sensor_id, anomaly, body)
             if model.version != version:

@@ -95,14 +95,24 @@ class BatchOutcome(NamedTuple):
     fit_failures: int = 0
 
 
-def stamp(ts: float, cache: dict[float, datetime] | None = None) -> datetime:
-    """``ts`` (epoch seconds) as an aware UTC datetime, memoised per batch when ``cache``."""
-    if cache is None:
-        return datetime.fromtimestamp(ts, UTC)
-    value = cache.get(ts)
-    if value is None:
-        value = cache[ts] = datetime.fromtimestamp(ts, UTC)
-    return value
+def stamp(ts: float) -> datetime:
+    """``ts`` (epoch seconds) as an aware UTC datetime."""
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Stamps(dict[float, datetime]):
+    """:func:`stamp` of each ``ts`` looked up, made once per value: a batch's readings share
+    their ingest time, and often their ``ts`` (a gateway's sensors read at the same moments).
+
+    Examples:
+        >>> stamps = Stamps()
+        >>> stamps[0.0] is stamps[0.0], len(stamps)
+        (True, 1)
+    """
+
+    def __missing__(self, ts: float) -> datetime:
+        value = self[ts] = stamp(ts)
+        return value
 
 
 _json = msgspec.json.Encoder()
@@ -113,32 +123,39 @@ def prediction_body(
     status: str,
     model_version: int,
     predicted_at: datetime,
-    *,
     forecast: dict[str, float] | None = None,
     score: float | None = None,
     is_anomaly: bool = False,
     reason: str | None = None,
     explanation: Explanation = (),
-    stamps: dict[float, datetime] | None = None,
+    stamps: Stamps | None = None,
 ) -> bytes:
     """The JSON body of one reading's prediction: the one place a prediction is shaped.
+
+    Called once per reading in a model process, so shaped for its cost: arguments by
+    position, ``stamps`` shared by a batch.
 
     Examples:
         >>> r = Reading("a", "r-1", 0.0, ("value",), (1.5,), 0.0)
         >>> prediction_body(r, "error", 0, stamp(0.0), reason="boom")[:60]
         b'{"sensor_id":"a","id":"r-1","ts":"1970-01-01T00:00:00Z","val'
     """
+    if stamps is None:
+        stamps = Stamps()
+    channels = r.channels
     body = PredictionBody(
         r.sensor_id,
         r.id,
-        stamp(r.ts, stamps),
-        dict(zip(r.channels, r.values, strict=True)),
+        stamps[r.ts],
+        {channels[0]: r.values[0]}
+        if len(channels) == 1
+        else dict(zip(channels, r.values, strict=True)),
         forecast,
         score,
         is_anomaly,
         status,
         model_version,
-        stamp(r.ingested_at, stamps),
+        stamps[r.ingested_at],
         predicted_at,
         reason,
         [ExplanationItem(c, d, s) for c, d, s in explanation] if explanation else None,
@@ -176,7 +193,7 @@ def error_bodies(readings: list[Reading], reason: str) -> list[Body]:
         ('prediction', True, True)
     """
     now = datetime.now(UTC)
-    stamps: dict[float, datetime] = {}
+    stamps = Stamps()
     return [
         (
             "prediction",
