@@ -156,7 +156,9 @@ def test_the_blend_takes_the_candidate_with_the_least_faded_error() -> None:
     def step(ridge: float, last: float, y: float) -> list[float]:
         before = np.asarray(model._blend_error[0])
         model._ridge_next, model._last_row = [ridge], [last]
-        model._blend(0, y)
+        fit = model.fitted
+        assert fit is not None
+        model._score(fit, float(ts[80]), [y], True, 1.0)  # scores the candidates in order
         after: list[float] = model._blend_error[0]
         assert after == pytest.approx(
             before + (np.abs(y - last - weights * (ridge - last)) - before) / 128
