@@ -34,6 +34,7 @@ as plain lists, and saves building arrays the model would turn straight back int
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -122,9 +123,10 @@ class SensorModel(Protocol):
 class ListObserver(Protocol):
     """Optional, beside :class:`SensorModel`: ``observe`` on plain lists."""
 
-    def observe_lists(self, ts: list[float], values: list[list[float]]) -> Observation:
+    def observe_lists(self, ts: list[float], values: list[Sequence[float]]) -> Observation:
         """What ``observe(np.array(ts), np.array(values))`` does, on the same readings given as
-        a list of floats and a list of rows (one list of floats each).
+        a list of floats and a list of rows (one sequence of floats each, read only: the
+        service passes the readings' own tuples).
 
         The service calls it instead of ``observe`` when the class (or the nearest base class
         that defines either) defines it: see :func:`takes_lists`. A subclass that overrides

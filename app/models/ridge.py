@@ -74,6 +74,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -610,7 +611,7 @@ class RidgeForecaster:
         """A new normal was declared: refit at once, on everything in the window."""
         self._level_mute = 0
         """Readings left before the level detector speaks again, after an alarm."""
-        self._last_row: list[float] = [math.nan] * c
+        self._last_row: Sequence[float] = [math.nan] * c
         """The latest in-order reading as it came (the window may hold its forecast instead)."""
         self._ridge_next: list[float] = [math.nan] * c
         """The ridge forecast of each channel published after the latest in-order reading."""
@@ -628,7 +629,7 @@ class RidgeForecaster:
     def observe(self, ts: FloatArray, values: FloatArray) -> Observation:
         return self.observe_lists(ts.tolist(), values.tolist())
 
-    def observe_lists(self, ts: list[float], rows: list[list[float]]) -> Observation:
+    def observe_lists(self, ts: list[float], rows: list[Sequence[float]]) -> Observation:
         """``observe`` on plain lists (see :class:`app.models.base.ListObserver`)."""
         c = len(self.channels)
         forecasts: list[list[float] | None] = []
@@ -747,7 +748,7 @@ class RidgeForecaster:
         return self._alarm.active
 
     def _score(
-        self, fit: Fitted, t: float, row: list[float], in_order: bool, widen: float
+        self, fit: Fitted, t: float, row: Sequence[float], in_order: bool, widen: float
     ) -> tuple[float, list[float], list[float], list[tuple[str, str, float]]]:
         """Judge one reading: (largest ratio, value to keep, z per channel, detectors over).
 
@@ -943,7 +944,7 @@ class RidgeForecaster:
             out.append([level, spread, 0.0, 0.0, 0.0] if flat else None)
         return out
 
-    def _away(self, row: list[float]) -> bool | None:
+    def _away(self, row: Sequence[float]) -> bool | None:
         """While an alarm is raised: is the mean of the last readings (this one included)
         still nearer the level of the alarm's readings than the level before it? None when
         that cannot be told.
@@ -960,7 +961,7 @@ class RidgeForecaster:
             return None
         # The last readings of the window (a deque: indexed from its end, not copied whole).
         values = self._values
-        recent = [values[i] for i in range(-min(SMOOTH - 1, len(values)), 0)]
+        recent = range(-min(SMOOTH - 1, len(values)), 0)
         judged = away = False
         for o, channel in enumerate(baseline):
             if channel is None:
@@ -975,11 +976,11 @@ class RidgeForecaster:
                 channel[4] = 1.0
             judged = True
             if not away:
-                mean = (row[o] + sum(v[o] for v in recent)) / (len(recent) + 1)
+                mean = (row[o] + sum(values[i][o] for i in recent)) / (len(recent) + 1)
                 away = (mean - level) * shift > 0.5 * shift * shift
         return away if judged else None
 
-    def _take(self, t: float, row: list[float], flagged: bool) -> None:
+    def _take(self, t: float, row: Sequence[float], flagged: bool) -> None:
         """Append an in-order reading to the window and the lag tails."""
         self._ts.append(t)
         self._values.append(tuple(row))

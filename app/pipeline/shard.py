@@ -147,7 +147,10 @@ def _aligned(reading: Reading, channels: tuple[str, ...]) -> tuple[float, ...]:
 def _runs(readings: list[Reading], indices: list[int]) -> list[list[int]]:
     """Split one sensor's readings into runs with the same channel set."""
     first = readings[indices[0]].channels
-    if all(readings[i].channels == first for i in indices):
+    for i in indices:
+        if readings[i].channels != first:
+            break
+    else:
         return [indices]
     runs: list[list[int]] = []
     current: frozenset[str] | None = None
@@ -260,7 +263,7 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
             values: Any
             if _takes_lists:
                 observe = cast(ListObserver, model).observe_lists
-                values = [list(row) for row in rows]
+                values = rows
             else:
                 observe = model.observe
                 ts, values = np.array(ts, dtype=np.float64), np.array(rows, dtype=np.float64)
