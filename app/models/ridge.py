@@ -75,6 +75,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -833,7 +834,12 @@ class RidgeForecaster:
                 self._last_raw[o] = y
                 stuck = same / ch.stuck_run
                 spike /= widen
-                r = max(spike, level, noise, stuck)
+                # max(spike, level, noise, stuck), without the call: the first of the largest.
+                r = level if level > spike else spike
+                if noise > r:
+                    r = noise
+                if stuck > r:
+                    r = stuck
                 if r > 1.0:
                     name = self.channels[o]
                     for detector, value in (
@@ -879,12 +885,14 @@ class RidgeForecaster:
         self._every = self._fit_every()
         self._drift = False
         self._relearn = False
-        values = np.array(self._values, dtype=np.float64).reshape(-1, len(self.channels))
-        flagged = np.array(self._flagged, dtype=bool)
+        # From the deques by iteration (np.array would inspect each row as a sequence first).
+        n, c = len(self._values), len(self.channels)
+        values = np.fromiter(chain.from_iterable(self._values), np.float64, n * c).reshape(n, c)
+        flagged = np.fromiter(self._flagged, bool, n)
         started = time.perf_counter()
         try:
             fitted = fit_window(
-                np.array(self._ts, dtype=np.float64),
+                np.fromiter(self._ts, np.float64, n),
                 values,
                 None if relearn else self._fit,
                 flagged,
