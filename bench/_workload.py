@@ -13,7 +13,6 @@ so producing readings costs next to nothing beside the work measured.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import msgspec
 
@@ -70,6 +69,9 @@ class Stream:
         ]
         self._next = 0
         """Index of the next reading in the whole stream (sensor = index % len(sensors))."""
+        self._heads: list[bytes] = []
+        self._pieces: list[list[bytes]] | None = None
+        """Per sensor, each value's part of its JSON object (made by the first ``body``)."""
 
     @property
     def per_sensor(self) -> int:
@@ -96,16 +98,34 @@ class Stream:
         return out
 
     def body(self, count: int) -> bytes:
-        """The next ``count`` readings as a JSON request body (what a sensor gateway posts)."""
-        items: list[dict[str, Any]] = []
-        single = len(self.names) == 1
-        for r in self.take(count):
-            if single:
-                items.append({"sensor_id": r.sensor_id, "ts": r.ts, "value": r.values[0]})
-            else:
-                values = dict(zip(r.channels, r.values, strict=True))
-                items.append({"sensor_id": r.sensor_id, "ts": r.ts, "values": values})
-        return _json.encode(items)
+        """The next ``count`` readings as a JSON request body (what a sensor gateway posts).
+
+        The same bytes as ``msgspec.json`` encoding each reading's object, put together from
+        pieces encoded once (each sensor's id, each of its values, each round's ``ts``), so
+        that a load generator costs a fraction of the service it loads.
+        """
+        if self._pieces is None:
+            single = len(self.names) == 1
+
+            def piece(row: tuple[float, ...]) -> bytes:
+                if single:
+                    return b',"value":' + _json.encode(row[0]) + b"}"
+                values = dict(zip(self.names, row, strict=True))
+                return b',"values":' + _json.encode(values) + b"}"
+
+            self._pieces = [[piece(row) for row in values] for values in self._values]
+            self._heads = [b'{"sensor_id":' + _json.encode(sid) + b',"ts":' for sid in self.sensors]
+        heads, pieces = self._heads, self._pieces
+        n_sensors = len(self.sensors)
+        items: list[bytes] = []
+        ts_text = b""
+        for n in range(self._next, self._next + count):
+            s, k = n % n_sensors, n // n_sensors
+            if s == 0 or not ts_text:
+                ts_text = _json.encode(self.start_ts + k * self.interval_s)
+            items.append(heads[s] + ts_text + pieces[s][k % CYCLE])
+        self._next += count
+        return b"[" + b",".join(items) + b"]"
 
 
 _json = msgspec.json.Encoder()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
 from bench import readme
+from bench._workload import CYCLE, Stream, sensor_ids
 from bench.heavy import Model as HeavyModel
 from tests.conftest import ROOT
 
@@ -220,3 +224,24 @@ def test_the_heavy_model_trains_a_forest_at_every_refit() -> None:
     # Fits at 16 readings, then every 200: at 16, 216 and 416.
     assert model.version == 3
     assert model.forests == model.version
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_stream_body_is_its_readings_encoded(channels: int) -> None:
+    """The load generators' bodies, put together from pieces encoded once, are the bytes
+    msgspec gives for the same readings' objects: the same readings, in order, across rounds
+    of the sensors and across the end of each sensor's cycle of values."""
+    stream = Stream(sensor_ids(37, prefix="t"), channels=channels)
+    twin = copy.deepcopy(stream)
+    for _ in range((CYCLE + 2) * 37 // 997 + 1):
+        items: list[dict[str, Any]] = []
+        for r in twin.take(997):
+            values = dict(zip(r.channels, r.values, strict=True))
+            item: dict[str, Any] = {"sensor_id": r.sensor_id, "ts": r.ts}
+            if channels == 1:
+                item["value"] = r.values[0]
+            else:
+                item["values"] = values
+            items.append(item)
+        assert stream.body(997) == msgspec.json.encode(items)
+    assert stream.per_sensor > CYCLE
