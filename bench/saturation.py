@@ -12,7 +12,10 @@ process; every other part runs in processes of its own, as in production:
 - at the end of the window, ``GET /v1/debug/loop-lag`` gives the service's event-loop lag
   p99 over it, and a bare event loop in a process of its own (``bench/_floor.py``) the lag
   the operating system alone adds beside the same load: the floor under the service's;
-  the service's RSS is read from ``/proc`` before the load and every second of it.
+  the service's RSS is read from ``/proc`` before the load and every second of it;
+- the CPU each group of processes used over the window, from ``/proc``: the service, its
+  model processes, and this bench's own (load generators, subscriber, prober, bare loop), so
+  that the end-to-end rate can be read against what the load itself took of the cores.
 
 The end-to-end rate is set against the model stage alone, measured in the same run on the
 same work (``bench.scaling.run_runners`` with one model process per core, on the batches
@@ -77,6 +80,35 @@ def main_thread_schedstat(pid: int) -> tuple[int, int] | None:
     return ran, waited
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (Linux ``/proc/*/task/*/children``)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(children)
+            todo.extend(children)
+    return out
+
+
 def _spawn(module: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
@@ -121,8 +153,14 @@ def load_work() -> Work:
     return work
 
 
-def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
-    """Run the load against ``svc``; every figure of the window after ``warmup_s``."""
+def saturate(
+    svc: Server, warmup_s: float, duration_s: float, model_host: int | None = None
+) -> dict[str, Any]:
+    """Run the load against ``svc``; every figure of the window after ``warmup_s``.
+
+    ``model_host``: the process whose descendants run the models (a ``sensorcast worker``
+    on the Redis topology), when it is not the service itself.
+    """
     time.sleep(1.0)  # idle: nothing posted yet
     idle = rss_bytes(svc.pid)
     t0 = time.time() + 1.5
@@ -159,9 +197,21 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
     sampler.start()
     try:
         time.sleep(max(0.0, start - time.time()))
+        # Who used the two cores over the window: the service, its model processes, and
+        # this bench's own processes (load generators, subscriber, prober, bare loop).
+        models = descendants(svc.pid if model_host is None else model_host)
+        if model_host is not None:
+            models.append(model_host)
+        bench_pids = [p.pid for p in (*loadgens, prober, floor, sub)]
+        groups = {"service": [svc.pid], "models": models, "bench": bench_pids}
+        cpu_start = {name: sum(map(cpu_seconds, pids)) for name, pids in groups.items()}
         sched_start = main_thread_schedstat(svc.pid)
         time.sleep(max(0.0, end - time.time()))
         sched_end = main_thread_schedstat(svc.pid)
+        cpu = {
+            name: (sum(map(cpu_seconds, pids)) - cpu_start[name]) / duration_s * 100
+            for name, pids in groups.items()
+        }
         lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s}).json()
         loads = [_result(p, stop - time.time() + 60) for p in loadgens]
         probe = _result(prober, 30)
@@ -188,6 +238,7 @@ def saturate(svc: Server, warmup_s: float, duration_s: float) -> dict[str, Any]:
         "floor_lag_p99_ms": bare["p99_ms"],
         # The loop's thread: how busy, and how long it waited runnable for a core (the lag
         # that no work of its own explains).
+        "cpu": cpu,
         "main_thread": (
             None
             if sched_start is None or sched_end is None
@@ -231,6 +282,14 @@ def report(results: Results, label: str, r: dict[str, Any], stage: float | None)
     results.row(
         item, "event-loop lag p99 of a bare loop beside the same load", r["floor_lag_p99_ms"],
         "ms",
+    )  # fmt: skip
+    cpu = r["cpu"]
+    results.row(item, "CPU of the service process", cpu["service"], "% of a core")
+    models = "the worker and its model processes" if "redis" in label else "the model processes"
+    results.row(item, f"CPU of {models}", cpu["models"], "% of a core")
+    results.row(
+        item, "CPU of this bench's load generators, subscriber and probes", cpu["bench"],
+        "% of a core",
     )  # fmt: skip
     if r["main_thread"] is not None:
         ran, waited = r["main_thread"]
@@ -306,9 +365,9 @@ def main() -> None:
     )  # fmt: skip
 
     with redis_server() as url, ExitStack() as stack:
-        stack.enter_context(worker(url, cores))
+        host = stack.enter_context(worker(url, cores))
         svc = stack.enter_context(service(backend=url, log_level="info"))
-        redis = saturate(svc, warmup_s, redis_s)
+        redis = saturate(svc, warmup_s, redis_s, model_host=host.pid)
     report(results, "redis://", redis, None)
     results.note(
         f"{LOADGENS} load generator processes x {CONNECTIONS} connections, "
