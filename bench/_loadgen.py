@@ -27,44 +27,48 @@ from urllib.parse import urlsplit
 
 from bench._workload import Stream, sensor_ids
 
+TIMEOUT_S = 30.0
+"""A connection, or a request's answer, that takes longer has failed."""
+IDLE_S = 4.0
+"""A connection idle this long (a Retry-After wait) is replaced before it is used again:
+the server closes idle keep-alive connections after about 5 s."""
+
 
 class Answer(Exception):
-    """The connection broke or the answer could not be read."""
+    """The connection broke, or the answer could not be read."""
 
 
 async def _post(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes
-) -> tuple[int, float | None]:
-    """Send one POST; return its status and ``Retry-After`` (seconds, if given)."""
+) -> tuple[int, float | None, bool]:
+    """Send one POST; return its status, its ``Retry-After`` (seconds, when given in seconds)
+    and whether the server closes the connection after it."""
     writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
         await writer.drain()
         raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, retry_after, close = 0, None, False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length":
+                length = int(value)
+            elif name == "retry-after":
+                # Seconds; an HTTP date is taken as the default wait.
+                retry_after = float(value) if value.isdigit() else None
+            elif name == "connection":
+                close = value.lower() == "close"
+            elif name == "transfer-encoding":
+                raise Answer(f"a {value} answer: not read by this client")
+        if length:
+            await reader.readexactly(length)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         raise Answer(str(exc)) from None
-    lines = raw.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
     except (IndexError, ValueError):
-        raise Answer(f"not an HTTP status line: {lines[0]!r}") from None
-    length, retry_after, close = 0, None, False
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "retry-after":
-            retry_after = float(value)
-        elif name == "connection" and value.strip().lower() == "close":
-            close = True
-    if length:
-        try:
-            await reader.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise Answer(str(exc)) from None
-    if close:
-        raise Answer("the server closed the connection")
-    return status, retry_after
+        raise Answer("not an HTTP answer") from None
+    return status, retry_after, close
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
@@ -80,18 +84,30 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         stream = Stream(sensor_ids(args.sensors, prefix=f"{args.prefix}{n}"))
         body = stream.body(args.batch)
         connected: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        used = 0.0
+
+        def disconnect() -> None:
+            nonlocal connected
+            if connected is not None:
+                connected[1].close()
+                connected = None
+
         while time.time() < args.stop:
+            if connected is not None and time.monotonic() - used > IDLE_S:
+                disconnect()
             try:
-                if connected is None:
-                    connected = await asyncio.open_connection(url.hostname, url.port)
-                status, retry_after = await _post(*connected, head, body)
-            except (OSError, Answer):
+                async with asyncio.timeout(TIMEOUT_S):
+                    if connected is None:
+                        connected = await asyncio.open_connection(url.hostname, url.port)
+                    status, retry_after, close = await _post(*connected, head, body)
+            except (OSError, TimeoutError, Answer):
                 counts["failed"] += 1
-                if connected is not None:
-                    connected[1].close()
-                    connected = None
+                disconnect()
                 await asyncio.sleep(0.1)
-                continue
+                continue  # the same body again
+            used = time.monotonic()
+            if close:
+                disconnect()
             if status == 503:
                 counts["refused"] += 1
                 wait = min(retry_after if retry_after is not None else 1.0, 5.0)
@@ -106,8 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             else:
                 counts["failed"] += 1
             body = stream.body(args.batch)
-        if connected is not None:
-            connected[1].close()
+        disconnect()
 
     await asyncio.gather(*(connection(n) for n in range(args.connections)))
     return counts

@@ -204,14 +204,16 @@ def saturate(
             models.append(model_host)
         bench_pids = [p.pid for p in (*loadgens, prober, floor, sub)]
         groups = {"service": [svc.pid], "models": models, "bench": bench_pids}
-        cpu_start = {name: sum(map(cpu_seconds, pids)) for name, pids in groups.items()}
+        cpu_start = {pid: cpu_seconds(pid) for pids in groups.values() for pid in pids}
         sched_start = main_thread_schedstat(svc.pid)
         time.sleep(max(0.0, end - time.time()))
         sched_end = main_thread_schedstat(svc.pid)
+        # A process gone meanwhile (a model process replaced) counts for nothing, not less.
         cpu = {
-            name: (sum(map(cpu_seconds, pids)) - cpu_start[name]) / duration_s * 100
+            name: sum(max(0.0, cpu_seconds(pid) - cpu_start[pid]) for pid in pids)
+            / duration_s * 100
             for name, pids in groups.items()
-        }
+        }  # fmt: skip
         lag = httpx.get(f"{svc.url}/v1/debug/loop-lag", params={"window_s": duration_s}).json()
         loads = [_result(p, stop - time.time() + 60) for p in loadgens]
         probe = _result(prober, 30)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ import pytest
 from bench import readme
 from bench._workload import CYCLE, Stream, sensor_ids
 from bench.heavy import Model as HeavyModel
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Server
 
 
 @pytest.mark.slow
@@ -245,3 +249,35 @@ def test_a_stream_body_is_its_readings_encoded(channels: int) -> None:
             items.append(item)
         assert stream.body(997) == msgspec.json.encode(items)
     assert stream.per_sensor > CYCLE
+
+
+@pytest.mark.timeout(90)
+def test_the_load_generator_honours_retry_after_and_loses_nothing(
+    server_factory: Callable[..., Server],
+) -> None:
+    """``bench/_loadgen.py`` against a real service whose queue is full most of the time (a
+    long batch window holds what is queued): it is refused with 503, waits the Retry-After
+    given, sends the same body again, and reports exactly the readings the service counted
+    as accepted, no more (nothing sent twice) and no fewer."""
+    srv = server_factory(
+        queue_max_readings="500", workers="1", batch_window_ms="1500", admission_wait_ms="0"
+    )
+    now = time.time()
+    window = [str(now), str(now + 4), str(now + 4)]
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "bench._loadgen", srv.url, "--connections", "2",
+            "--sensors", "7", "--batch", "300",
+            "--start", window[0], "--end", window[1], "--stop", window[2],
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert result["failed"] == 0, result
+    assert result["refused"] >= 1 and result["waited_s"] == result["refused"] * 1.0, result
+    assert result["accepted_total"] >= 600, result
+    metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+    counted = re.search(r"^sensorcast_readings_accepted_total (\S+)$", metrics, re.M)
+    assert counted is not None
+    assert float(counted.group(1)) == result["accepted_total"]

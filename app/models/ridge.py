@@ -137,18 +137,22 @@ _FADE_RATE = 1.0 / BLEND_FADE
 
 
 def _dot(w: tuple[float, ...], x: list[float]) -> float:
-    """``sum(map(mul, w, x))`` of ``WINDOW`` (16) weights and values, written out.
+    """The dot product of ``WINDOW`` (16) weights and values, written out: the products added
+    left to right, in doubles, from ``0.0``.
 
-    The same products added in the same order, from the same start (``sum`` adds its
-    first float to ``0`` and goes on in doubles, left to right), so the same double to the
-    last bit: at about half the cost, for the two dot products each reading of each channel
-    takes (see ``RidgeForecaster._take`` and ``_score``).
+    About half the cost of ``sum(map(mul, w, x))`` for the two dot products each reading of
+    each channel takes (see ``RidgeForecaster._take`` and ``_score``), and the same double on
+    every Python: ``sum`` added floats left to right until 3.11 (so this is its result there,
+    to the last bit) and compensates its rounding since 3.12, which made the last bits of
+    the forecasts depend on the interpreter.
 
     Examples:
-        >>> from operator import mul
         >>> rng = np.random.default_rng(3)
         >>> w, x = tuple(rng.standard_normal(WINDOW).tolist()), rng.standard_normal(WINDOW)
-        >>> _dot(w, x.tolist()) == sum(map(mul, w, x.tolist()))
+        >>> total = 0.0
+        >>> for a, b in zip(w, x.tolist(), strict=True):
+        ...     total += a * b
+        >>> _dot(w, x.tolist()) == total
         True
     """
     return (

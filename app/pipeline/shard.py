@@ -324,7 +324,9 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                 anomalies += anomaly
                 body = prediction_body(
                     r, "ok", version, predicted_at,
-                    {names[0]: forecast[0]} if one else dict(zip(names, forecast, strict=True)),
+                    {names[0]: forecast[0]}
+                    if one and len(forecast) == 1
+                    else dict(zip(names, forecast, strict=True)),
                     score, anomaly, None, explanation if anomaly else (), stamps,
                 )  # fmt: skip
                 said[i] = ("prediction", sensor_id, anomaly, body)
