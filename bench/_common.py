@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from app.benchcli import fmt
 
@@ -123,6 +124,12 @@ class Results:
 
 def _nan_to_none(value: object) -> object:
     return None
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far, all its threads."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def free_port() -> int:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import statistics
 
-import psutil
-
 from bench._common import (
     Load,
     Results,
@@ -29,6 +27,7 @@ from bench._common import (
     load_tool,
     parse_args,
     post_load,
+    process_cpu_s,
     readings_body,
     reference_app,
     service,
@@ -36,12 +35,6 @@ from bench._common import (
 
 CONNECTIONS = 64
 BATCH_CONNECTIONS = 8
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user and system) a process has used so far, all its threads."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ process; every other part runs in processes of its own, as in production:
   p99 over it, and a bare event loop in a process of its own (``bench/_floor.py``) the lag
   the operating system alone adds beside the same load: the floor under the service's;
   the service's RSS is read from ``/proc`` before the load and every second of it;
-- the CPU each group of processes used over the window, from ``/proc``: the service, its
+- the CPU each group of processes used over the window: the service, its
   model processes, and this bench's own (load generators, subscriber, prober, bare loop), so
   that the end-to-end rate can be read against what the load itself took of the cores.
 
@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from app.config import Settings
 from app.pipeline import wire
 from app.pipeline.ingest import Ingestor, RecentIds, ShardQueue
-from bench._common import ROOT, Results, Server, parse_args, service
+from bench._common import ROOT, Results, Server, parse_args, process_cpu_s, service
 from bench._workload import Stream, sensor_ids
 from bench.e2e import result_of, subscribe
 from bench.scaleout import redis_server, worker
@@ -81,32 +82,11 @@ def main_thread_schedstat(pid: int) -> tuple[int, int] | None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user and system) a process has used so far; 0 once it is gone."""
+    """:func:`~bench._common.process_cpu_s`, and 0 once the process is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return process_cpu_s(pid)
+    except psutil.NoSuchProcess:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs (Linux ``/proc/*/task/*/children``)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out.extend(children)
-            todo.extend(children)
-    return out
 
 
 def _spawn(module: str, *args: str) -> subprocess.Popen[str]:
@@ -199,7 +179,8 @@ def saturate(
         time.sleep(max(0.0, start - time.time()))
         # Who used the two cores over the window: the service, its model processes, and
         # this bench's own processes (load generators, subscriber, prober, bare loop).
-        models = descendants(svc.pid if model_host is None else model_host)
+        host = psutil.Process(svc.pid if model_host is None else model_host)
+        models = [p.pid for p in host.children(recursive=True)]
         if model_host is not None:
             models.append(model_host)
         bench_pids = [p.pid for p in (*loadgens, prober, floor, sub)]
