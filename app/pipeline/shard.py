@@ -253,9 +253,7 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
     for sensor_id, indices in by_sensor.items():
         for run in _runs(readings, indices):
             channels = readings[run[0]].channels
-            model = _models.get(sensor_id)  # the common case, without a call
-            if model is None or model.channels != channels:
-                model = _model_for(sensor_id, channels, resume=not replay)
+            model = _model_for(sensor_id, channels, resume=not replay)
             ts: Any = [readings[i].ts for i in run]
             if channels == model.channels:
                 rows = [readings[i].values for i in run]
@@ -336,16 +334,8 @@ def run_batch(blob: bytes, replay: bool = False) -> wire.BatchOutcome:
                 if previous >= 0 and not replay:
                     message = _model_message(sensor_id, model.version, readings[previous].ts)
                     after.setdefault(previous, []).append(message)
-        # What the sensor's model fitted meanwhile, for the metrics.
-        model = _models[sensor_id]
-        durations: list[float] | None = getattr(model, "fit_seconds", None)
-        if durations:
-            fit_seconds.extend(durations)
-            durations.clear()
-        failures = getattr(model, "fit_failures", 0)
-        if failures:
-            fit_failures += int(failures)
-            model.fit_failures = 0  # type: ignore[attr-defined]
+        fit_seconds.extend(_drain_fits(_models[sensor_id]))
+        fit_failures += _drain_failures(_models[sensor_id])
     if replay:
         return wire.BatchOutcome(b"", 0, 0, 0)
 
@@ -379,6 +369,22 @@ def _track(
         tracker = _trackers[sensor_id] = AlarmTracker(sensor_id, _options.alarms)
     event = tracker.update(ts, score, flag, explanation)
     return [] if event is None else [event]
+
+
+def _drain_fits(model: SensorModel) -> list[float]:
+    durations: list[float] | None = getattr(model, "fit_seconds", None)
+    if not durations:
+        return []
+    out = list(durations)
+    durations.clear()
+    return out
+
+
+def _drain_failures(model: SensorModel) -> int:
+    failures = getattr(model, "fit_failures", 0)
+    if failures:
+        model.fit_failures = 0  # type: ignore[attr-defined]
+    return int(failures)
 
 
 # -- state: checkpoints, persistence, partitions ----------------------------------------------
