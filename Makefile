@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The default model compiled with mypyc (app/models/compiled.py): rebuilt when its sources change.
+COMPILED := app/models/_compiled/manifest.json
 
 .PHONY: run test check lint bench clean
 
@@ -14,21 +16,24 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(COMPILED): app/models/ridge.py app/models/alarms.py app/models/compiled.py app/models/build.py | $(STAMP)
+	$(BIN)/python -m app.models.build
+
+run: $(STAMP) $(COMPILED)
 	$(BIN)/sensorcast serve
 
-test: $(STAMP)
+test: $(STAMP) $(COMPILED)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check app tests bench
-	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench conftest.py
+	$(BIN)/ruff check app tests bench conftest.py
 	$(BIN)/mypy
 
 check: lint test
 
-bench: $(STAMP)
+bench: $(STAMP) $(COMPILED)
 	$(BIN)/sensorcast bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache app/models/_compiled

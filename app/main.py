@@ -40,6 +40,7 @@ from app.edge import Edge
 from app.logs import RequestIdMiddleware
 from app.looplag import LoopLagMonitor
 from app.metrics import Metrics
+from app.models import COMPILED
 from app.models.base import load_model_class
 from app.pipeline.hub import PredictionHub
 from app.pipeline.ingest import BodyBudget
@@ -63,6 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         guard.on_startup()
+        log.info(
+            "the default model runs %s",
+            "compiled (app/models/_compiled)"
+            if COMPILED
+            else "from its Python source (`python -m app.models.build` compiles it)",
+        )
         if hosts.any:
             log.info("any Host header is served (SENSORCAST_TRUSTED_HOSTS lists the names)")
         else:

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection
 
 from app import __version__
+from app.models import COMPILED
 
 if TYPE_CHECKING:
     from app.edge import RefusalLog
@@ -377,10 +378,12 @@ class _PipelineCollector(Collector):
         )
         info = GaugeMetricFamily(
             f"{NAMESPACE}_build_info",
-            "Always 1; the labels say which sensorcast and Python run.",
-            labels=("version", "python"),
+            "Always 1; the labels say which sensorcast and Python run, and whether the default "
+            "model runs compiled (model_code: compiled or python).",
+            labels=("version", "python", "model_code"),
         )
-        info.add_metric((__version__, platform.python_version()), 1)
+        model_code = "compiled" if COMPILED else "python"
+        info.add_metric((__version__, platform.python_version(), model_code), 1)
         yield info
         yield from self._http(m)
         if m.ready is not None:

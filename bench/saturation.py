@@ -21,7 +21,8 @@ The end-to-end rate is set against the model stage alone, measured in the same r
 same work (``bench.scaling.run_runners`` with one model process per core, on the batches
 the service's model processes get under this load: :func:`load_work`). The same load then
 runs with ``admission_wait_ms=1000`` (requests wait for room in full queues; shorter window),
-with ``loop_slice_us=0`` (the event loop on the kernel's default time slice; as short), then
+with ``loop_slice_us=0`` (the event loop on the kernel's default time slice; as short), with
+the default model from its Python source (``SENSORCAST_COMPILED_MODEL=0``; as short), then
 on the Redis topology (one API, one ``sensorcast worker``, a throwaway redis-server):
 end-to-end rate, loop lag, ``/healthz`` and the API process's memory.
 
@@ -347,6 +348,20 @@ def main() -> None:
         baseline="loop_slice_us=100 (the default)", baseline_value=memory["delivered"],
     )  # fmt: skip
 
+    # The same load with the default model run from its Python source rather than compiled
+    # (app/models/compiled.py): what compiling it is worth end to end, side by side.
+    with service(log_level="info", compiled_model=0) as svc:
+        source = saturate(svc, warmup_s, redis_s)
+    item = "saturation memory://, model from its Python source"
+    results.row(
+        item, "POST -> batch=true frame, readings/s", source["delivered"], "readings/s",
+        baseline="compiled (the default)", baseline_value=memory["delivered"],
+    )  # fmt: skip
+    results.row(
+        item, "CPU of the model processes", source["cpu"]["models"], "% of a core",
+        baseline="compiled (the default)", baseline_value=memory["cpu"]["models"],
+    )  # fmt: skip
+
     with redis_server() as url, ExitStack() as stack:
         host = stack.enter_context(worker(url, cores))
         svc = stack.enter_context(service(backend=url, log_level="info"))
@@ -356,7 +371,7 @@ def main() -> None:
         f"{LOADGENS} load generator processes x {CONNECTIONS} connections, "
         f"{LOADGENS * CONNECTIONS * SENSORS_PER_CONNECTION} sensors, 1,000 readings a request; "
         f"window {duration_s:.0f} s after {warmup_s:.0f} s of warm-up (redis://, "
-        f"admission_wait_ms=1000 and loop_slice_us=0: {redis_s:.0f} s)"
+        f"admission_wait_ms=1000, loop_slice_us=0 and the model from source: {redis_s:.0f} s)"
     )
     results.series["saturation_rss"] = {
         "kind": "line",

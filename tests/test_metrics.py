@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
 from app.looplag import LoopLagMonitor
+from app.models import COMPILED
 from tests.conftest import Server, collect, connect, post, receive_json
 
 PROMTOOL = shutil.which("promtool")
@@ -272,6 +273,8 @@ async def test_capacity_has_the_labels_of_pending(embedded_server: Server) -> No
     assert len(pending) == 2 and pending == labelled("sensorcast_queue_capacity_readings")
     assert all(value(samples, "sensorcast_queue_capacity_readings", **dict(k)) > 0 for k in pending)
     assert value(samples, "sensorcast_build_info", **_build_labels(samples)) == 1
+    # The server runs the default model as this suite does (compiled where it is built).
+    assert _build_labels(samples)["model_code"] == ("compiled" if COMPILED else "python")
     assert value(samples, "sensorcast_ready") == 1
 
 

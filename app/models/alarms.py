@@ -69,6 +69,14 @@ reading that is not an anomaly. Detectors: ``spike``, ``level``, ``drift``, ``no
 ``stuck``, ``multi-channel``."""
 
 
+_FIELDS = (
+    "sensor_id", "options", "active", "_recent", "_alarm_id", "_started", "_last_bad",
+    "_peak", "_weights", "_normal_run", "_raised_for", "_since_clear", "_clear_needed",
+)  # fmt: skip
+"""An ``AlarmTracker``'s attributes, all of them its state (named here rather than read from
+``__slots__``, which the compiled class does not keep; see ``app.models.compiled``)."""
+
+
 class AlarmTracker:
     """The alarm episodes of one sensor.
 
@@ -80,10 +88,7 @@ class AlarmTracker:
         [None, None, None, ('s@2000', 'raised', 2, None), None, ('s@2000', 'cleared', 2, 3), None]
     """
 
-    __slots__ = (
-        "sensor_id", "options", "active", "_recent", "_alarm_id", "_started", "_last_bad",
-        "_peak", "_weights", "_normal_run", "_raised_for", "_since_clear", "_clear_needed",
-    )  # fmt: skip
+    __slots__ = _FIELDS
 
     def __init__(self, sensor_id: str, options: AlarmOptions) -> None:
         self.sensor_id = sensor_id
@@ -187,7 +192,7 @@ class AlarmTracker:
         )  # fmt: skip
 
     def state(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in _FIELDS}
 
     def restore(self, state: dict[str, object]) -> None:
         for name, value in state.items():

@@ -717,16 +717,11 @@ class RidgeForecaster:
         return Observation(forecasts, scores, flags, explanations, versions, alarms)  # type: ignore[arg-type]
 
     def state(self) -> Any:
-        state = dict(vars(self))
+        state: dict[str, Any] = {key: getattr(self, key) for key in _STATE}
         state["_ts"] = list(self._ts)
         state["_values"] = list(self._values)
         state["_flagged"] = list(self._flagged)
         state["_alarm"] = self._alarm.state()
-        for key in (
-            "options", "sensor_id", "channels", "_history", "_warmup", "fit_seconds",
-            "_windows", "_every",
-        ):  # fmt: skip
-            del state[key]
         return state
 
     def restore(self, state: Any) -> None:
@@ -735,7 +730,7 @@ class RidgeForecaster:
                 getattr(self, key).extend(value)
             elif key == "_alarm":
                 self._alarm.restore(value)
-            elif key in vars(self):
+            elif key in _STATE:
                 setattr(self, key, value)
         self._every = self._fit_every()
         if self._fit is not None:
@@ -1039,6 +1034,19 @@ class RidgeForecaster:
             last = self._last_row[o]
             out.append(ridge if w == 1.0 or last != last else last + w * (ridge - last))
         return out
+
+
+_STATE = (
+    "version", "fit_failures", "_ts", "_values", "_flagged", "_tails", "_baseline", "_last_ts",
+    "_last_raw", "_fit", "_lag_part", "_cusum_up", "_cusum_down", "_var_ring", "_var_sum",
+    "_level_ring", "_level_sum", "_ring_at", "_same", "_imputed", "_seen", "_since_fit",
+    "_fit_ts", "_fit_seen", "_drift", "_relearn", "_level_mute", "_last_row", "_ridge_next",
+    "_blend_error", "_blend_w", "_alarm",
+)  # fmt: skip
+"""What ``RidgeForecaster.state`` keeps: every attribute but the settings (``options`` and
+what follows from them), the fit durations not yet read, and what ``restore`` recomputes
+(``_windows``, ``_every``). Named, not read from ``vars()``: the compiled model's instances
+have no ``__dict__`` (see ``app.models.compiled``)."""
 
 
 def _shares(found: list[tuple[str, str, float]]) -> Explanation:
