@@ -2,11 +2,12 @@
 
 ``app/models/ridge.py`` and ``app/models/alarms.py`` are typed Python; mypyc (part of mypy,
 the project's type checker) compiles them into C extension modules that score the same
-readings to the same doubles at about twice the speed (see the README's "Where the time
-goes"). The Python source stays the one truth: the build puts the extensions in
-``app/models/_compiled/`` with a manifest of the sources' digest, and ``app.models`` takes
-them (by putting that folder first on its ``__path__``) only while the digest still matches,
-so an edited source runs as Python until it is built again, never as a stale extension.
+readings to the same doubles for a fraction of the interpreter's cost (``bench/saturation.py``
+runs the same load both ways). The Python source stays the one truth: the build puts the
+extensions in ``app/models/_compiled/`` with a manifest of the sources' digest, and
+``app.models`` takes them (by putting that folder first on its ``__path__``) only while the
+digest still matches, so an edited source runs as Python until it is built again, never as a
+stale extension.
 
 ``python -m app.models.build`` builds (``make`` does it after installing); the variable
 ``SENSORCAST_COMPILED_MODEL=0`` runs the Python source even where the build is there.
