@@ -294,6 +294,32 @@ def report(results: Results, label: str, r: dict[str, Any], stage: float | None)
     )  # fmt: skip
 
 
+Figure = tuple[str, tuple[str, ...], str]
+"""A row of a variant's figures: its measure, its key in :func:`saturate`'s result (a path
+into nested dicts), its unit."""
+DELIVERED: Figure = ("POST -> batch=true frame, readings/s", ("delivered",), "readings/s")
+LOOP_LAG: Figure = ("event-loop lag p99", ("loop_lag_p99_ms",), "ms")
+
+
+def side_by_side(
+    results: Results,
+    item: str,
+    variant: dict[str, Any],
+    default: dict[str, Any],
+    baseline: str,
+    figures: list[Figure],
+) -> None:
+    """Rows of a variant of the load's figures, each set against the default's."""
+    for measure, path, unit in figures:
+        value: Any = variant
+        base: Any = default
+        for key in path:
+            value, base = value[key], base[key]
+        results.row(
+            item, measure, float(value), unit, baseline=baseline, baseline_value=float(base)
+        )
+
+
 def main() -> None:
     args = parse_args(__doc__ or "")
     warmup_s, duration_s = (5.0, 12.0) if args.quick else (10.0, 60.0)
@@ -319,47 +345,34 @@ def main() -> None:
     with service(log_level="info", admission_wait_ms=1000) as svc:
         waiting = saturate(svc, warmup_s, redis_s)
     item = "saturation memory://, admission_wait_ms=1000"
-    results.row(
-        item, "POST -> batch=true frame, readings/s", waiting["delivered"], "readings/s",
-        baseline="the default, refused at once", baseline_value=memory["delivered"],
-    )  # fmt: skip
+    baseline = "the default, refused at once"
+    side_by_side(results, item, waiting, memory, baseline, [DELIVERED])
     results.row(item, "refused (503, Retry-After honoured)", waiting["refused"], "requests/s")
-    results.row(
-        item, "event-loop lag p99", waiting["loop_lag_p99_ms"], "ms",
-        baseline="the default, refused at once", baseline_value=memory["loop_lag_p99_ms"],
-    )  # fmt: skip
+    side_by_side(results, item, waiting, memory, baseline, [LOOP_LAG])
 
     # The same load with the event loop on the kernel's default time slice: what the short
     # slice (loop_slice_us, app/scheduling.py) is worth here, side by side.
     with service(log_level="info", loop_slice_us=0) as svc:
         default_slice = saturate(svc, warmup_s, redis_s)
-    item = "saturation memory://, loop_slice_us=0"
-    for name, key in (
-        ("event-loop lag p99", "loop_lag_p99_ms"),
-        ("event-loop lag p99 of a bare loop beside the same load", "floor_lag_p99_ms"),
-        ("/healthz p99 from another process", "healthz_p99_ms"),
-    ):
-        results.row(
-            item, name, default_slice[key], "ms",
-            baseline="loop_slice_us=100 (the default)", baseline_value=memory[key],
-        )  # fmt: skip
-    results.row(
-        item, "POST -> batch=true frame, readings/s", default_slice["delivered"], "readings/s",
-        baseline="loop_slice_us=100 (the default)", baseline_value=memory["delivered"],
+    side_by_side(
+        results, "saturation memory://, loop_slice_us=0", default_slice, memory,
+        "loop_slice_us=100 (the default)",
+        [
+            LOOP_LAG,
+            ("event-loop lag p99 of a bare loop beside the same load", ("floor_lag_p99_ms",), "ms"),
+            ("/healthz p99 from another process", ("healthz_p99_ms",), "ms"),
+            DELIVERED,
+        ],
     )  # fmt: skip
 
     # The same load with the default model run from its Python source rather than compiled
     # (app/models/compiled.py): what compiling it is worth end to end, side by side.
     with service(log_level="info", compiled_model=0) as svc:
         source = saturate(svc, warmup_s, redis_s)
-    item = "saturation memory://, model from its Python source"
-    results.row(
-        item, "POST -> batch=true frame, readings/s", source["delivered"], "readings/s",
-        baseline="compiled (the default)", baseline_value=memory["delivered"],
-    )  # fmt: skip
-    results.row(
-        item, "CPU of the model processes", source["cpu"]["models"], "% of a core",
-        baseline="compiled (the default)", baseline_value=memory["cpu"]["models"],
+    side_by_side(
+        results, "saturation memory://, model from its Python source", source, memory,
+        "compiled (the default)",
+        [DELIVERED, ("CPU of the model processes", ("cpu", "models"), "% of a core")],
     )  # fmt: skip
 
     with redis_server() as url, ExitStack() as stack:
