@@ -46,6 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from app.backends.redis import GROUP, RedisBackend, entry_readings
 from app.config import Settings
 from app.metrics import Metrics
+from app.models import COMPILED
 from app.pipeline import shard, wire
 from app.pipeline.batcher import BatchObserver
 from app.pipeline.ingest import SensorRegistry, sweep_period
@@ -144,7 +145,12 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve partitions until ``stop`` is set, then hand them over and return."""
         await asyncio.gather(*(r.start() for r in self.runners))
-        log.info("worker %s: %d model processes ready", self.id, len(self.runners))
+        log.info(
+            "worker %s: %d model processes ready (the default model %s)",
+            self.id,
+            len(self.runners),
+            "compiled" if COMPILED else "from its Python source",
+        )
         try:
             while not stop.is_set():
                 try:

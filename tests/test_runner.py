@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
+import zlib
 from typing import Any
 
 import msgspec
@@ -143,3 +145,19 @@ async def test_checkpoints_follow_the_reading_cadence() -> None:
         await run_all(runner, data)
         await runner.call(os.getpid)  # everything queued before it has completed
         assert runner.checkpoints == 3  # after 300, 600 and 900 readings
+
+
+def test_exported_models_import_exactly_and_so_do_uncompressed_blobs() -> None:
+    """A checkpoint is compressed and restores the models as they were; a plain pickle, as a
+    Redis partition saved by an older worker holds, restores the same."""
+    data = readings(sensors=3, per_sensor=400)
+    shard.init_process(RIDGE, ModelOptions())
+    shard.run_batch(wire.encode_readings(data[:900]))
+    blob = shard.export_states()
+    plain = pickle.dumps(pickle.loads(zlib.decompress(blob)), protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(blob) < 0.8 * len(plain)  # the simulator's noise compresses least
+    expected = messages([shard.run_batch(wire.encode_readings(data[900:]))])
+    for checkpoint in (blob, plain):
+        shard.init_process(RIDGE, ModelOptions())
+        assert sorted(shard.import_states(checkpoint)) == ["r0", "r1", "r2"]
+        assert messages([shard.run_batch(wire.encode_readings(data[900:]))]) == expected
