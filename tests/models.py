@@ -33,3 +33,16 @@ class RefitsThenFails(RollingZScore):
             raise ValueError("cannot take 13")
         self.version += int((values == REFITS).sum())
         return super().observe(ts, values)
+
+
+def die_while_sending_a_result() -> None:
+    """Run in a model process: write the start of a result on the process's result pipe,
+    then exit, as a process the OOM killer takes half-way through sending its result."""
+    import gc
+    import struct
+    from multiprocessing.queues import SimpleQueue
+
+    queue = next(o for o in gc.get_objects() if isinstance(o, SimpleQueue))
+    # A message's header (its length: 1 MiB), then one byte of it.
+    queue._writer._send(struct.pack("!i", 1 << 20) + b"\x80")  # type: ignore[attr-defined]
+    os._exit(1)

@@ -115,6 +115,12 @@ class Receiver:
                 await asyncio.wait_for(self._arrived.wait(), left)
 
 
+UNBOUNDED = "10000000"
+"""``subscriber_queue_frames`` for a test's own subscriber, which shares its process with the
+load it measures: falling behind the service now and then must not cost it frames (the
+slow-client policy has tests of its own)."""
+
+
 def check_exactly_once_in_order(accepted: list[int], predictions: list[dict[str, Any]]) -> None:
     ids = [int(p["id"]) for p in predictions]
     assert len(ids) == len(set(ids)), "a reading was predicted twice"
@@ -134,7 +140,7 @@ async def readyz(client: httpx.AsyncClient) -> httpx.Response:
 
 async def test_killed_worker_is_rebuilt_and_nothing_accepted_is_lost(server_factory) -> None:
     """SIGKILL a shard worker under load: accepted == predicted, once each, in order."""
-    srv: Server = server_factory(checkpoint_interval_s="0.5")
+    srv: Server = server_factory(checkpoint_interval_s="0.5", subscriber_queue_frames=UNBOUNDED)
     async with (
         httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
         connect(f"{srv.ws_url}?batch=true") as ws,
@@ -170,6 +176,7 @@ async def test_killed_worker_is_rebuilt_and_nothing_accepted_is_lost(server_fact
         f"{load.refused} refused requests; {in_flight[-1] if in_flight else ''}"
     )
     assert after["shard_pids"][0] != victim and after["rebuilds"] == 1
+    assert receiver.lagged == 0, "the test's subscriber fell behind"
     check_exactly_once_in_order(load.accepted, receiver.predictions)
     # The sensors' models were restored, not restarted: no sensor went back to warming up.
     seen_ok: set[str] = set()
@@ -212,7 +219,7 @@ async def test_poison_reading_gets_an_error_and_the_rest_are_predicted(
 
 async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory) -> None:
     """SIGTERM under load: 503 for new readings, every accepted one delivered, 1001, exit 0."""
-    srv: Server = server_factory()
+    srv: Server = server_factory(subscriber_queue_frames=UNBOUNDED)
     async with (
         httpx.AsyncClient(base_url=srv.url, timeout=30) as client,
         connect(f"{srv.ws_url}?batch=true") as ws,
@@ -231,11 +238,13 @@ async def test_sigterm_under_load_delivers_every_accepted_reading(server_factory
     print(
         f"\nSIGTERM -> exit in {time.monotonic() - stopped_at:.2f} s; "
         f"{len(load.accepted)} accepted, statuses {dict(load.statuses)}, "
-        f"{load.transport_errors} requests after the server closed"
+        f"{load.transport_errors} requests after the server closed, "
+        f"{receiver.lagged} dropped for the subscriber"
     )
     assert receiver.close_code == 1001
     assert code == 0
     assert len(load.accepted) > 0
+    assert receiver.lagged == 0, "the test's subscriber fell behind"
     check_exactly_once_in_order(load.accepted, receiver.predictions)
 
 

@@ -9,16 +9,18 @@ import os
 import pickle
 import signal
 import zlib
+from concurrent.futures import BrokenExecutor
 from typing import Any
 
 import msgspec
+import pytest
 
 from app.models.base import ModelOptions
 from app.pipeline import shard, wire
 from app.pipeline.runner import ProcessSpec, ShardRunner
 from app.schemas import Reading
 from app.simulate import SensorSim
-from tests.models import FAILS, POISON, REFITS
+from tests.models import FAILS, POISON, REFITS, die_while_sending_a_result
 
 RIDGE = "app.models.ridge:RidgeForecaster"
 VOLATILE = ("ingested_at", "predicted_at", "swapped_at")
@@ -161,3 +163,19 @@ def test_exported_models_import_exactly_and_so_do_uncompressed_blobs() -> None:
         shard.init_process(RIDGE, ModelOptions())
         assert sorted(shard.import_states(checkpoint)) == ["r0", "r1", "r2"]
         assert messages([shard.run_batch(wire.encode_readings(data[900:]))]) == expected
+
+
+async def test_a_process_that_dies_half_way_through_a_result_is_rebuilt() -> None:
+    """A model process gone in the middle of sending a result (the rest never comes) is
+    found dead like any other, not waited on for ever: the call fails, the process is
+    rebuilt, and the shard goes on."""
+    data = chunks(readings(sensors=2, per_sensor=100), 50)
+    async with ShardRunner(0, ProcessSpec(RIDGE)) as runner:
+        await run_all(runner, data[:2])
+        victim = runner.pid
+        with pytest.raises(BrokenExecutor):
+            await asyncio.wait_for(runner.call(die_while_sending_a_result), 30)
+        assert runner.rebuilds >= 1 and runner.pid != victim
+        done = await asyncio.wait_for(run_all(runner, data[2:]), 30)
+    ids = [f["id"] for kind, f in messages(done) if kind == "prediction"]
+    assert ids == [r.id for batch in data[2:] for r in batch]

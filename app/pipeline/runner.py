@@ -427,12 +427,31 @@ class ShardRunner:
         self.pid = await asyncio.wait_for(
             loop.run_in_executor(self._executor, shard.warm), self.spec.start_timeout_s
         )
+        _release_result_pipe(self._executor)
         self.healthy = True
         if not first:
             log.warning(
                 "shard %d: model process replaced (pid %s) in %.2f s",
                 self.shard, self.pid, time.perf_counter() - started,
             )  # fmt: skip
+
+
+def _release_result_pipe(executor: Executor) -> None:
+    """Close this process's copy of the write end of a process pool's result pipe, once the
+    pool's process has started (it took its own copy then, and a pool of one never starts
+    another).
+
+    ``ProcessPoolExecutor`` keeps both ends of the pipe its processes send results on and
+    never writes to it. While this process holds the write end open, a model process that
+    dies half-way through sending a result (the OOM killer, ``kill -9``) leaves the pool's
+    result thread waiting for the rest for ever: the shard hangs while ``/readyz`` says ready.
+    With the dead process the only writer, that thread reads the end of the pipe and the pool
+    reports the process broken, as for a death at any other moment (rebuild and replay). A
+    pool without these attributes (another Python) is left as it is.
+    """
+    writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
 
 
 def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
