@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -124,10 +125,8 @@ def test_a_build_is_taken_only_for_the_sources_it_was_made_from(tmp_path: Path) 
     assert not compiled.usable(built, package)
 
 
-@pytest.mark.parametrize("name", compiled.MODULES)
-def test_the_compiled_modules_doctests_pass_on_their_source(name: str) -> None:
-    """pytest cannot collect doctests from an extension module (see the root conftest.py):
-    they run here on the Python source, loaded under a name of its own."""
+def source_of(name: str) -> ModuleType:
+    """A compiled module's Python source, loaded under a name of its own."""
     path = compiled.PACKAGE / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_source_of_{name}", path)
     assert spec is not None and spec.loader is not None
@@ -135,8 +134,27 @@ def test_the_compiled_modules_doctests_pass_on_their_source(name: str) -> None:
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+@pytest.mark.parametrize("name", compiled.MODULES)
+def test_the_compiled_modules_doctests_pass_on_their_source(name: str) -> None:
+    """pytest cannot collect doctests from an extension module (see the root conftest.py):
+    they run here on the Python source."""
+    module = source_of(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_every_attribute_of_the_model_is_state_or_named_as_not() -> None:
+    """The model's state is a list of names (compiled instances have no ``vars()``): an
+    attribute added to the source but to neither list would silently drop out of
+    checkpoints."""
+    ridge = source_of("ridge")
+    model = ridge.RidgeForecaster("s", ("a", "b"))
+    assert set(vars(model)) == set(ridge._STATE) | set(ridge._NOT_STATE)
+    assert not set(ridge._STATE) & set(ridge._NOT_STATE)
+    assert set(model.state()) == set(ridge._STATE)

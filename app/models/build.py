@@ -31,7 +31,8 @@ def build(directory: Path = DIRECTORY, package: Path = PACKAGE) -> list[Path]:
         from setuptools.command.build_ext import build_ext
     except ImportError as exc:  # pragma: no cover - the dev extra brings mypy
         raise RuntimeError(f"building the compiled model needs mypy: {exc}") from exc
-    if shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") is None:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
         raise RuntimeError(
             "building the compiled model needs a C compiler (`apt-get install gcc`), "
             f"or run the Python source with {SWITCH}=0"
@@ -74,12 +75,11 @@ def build(directory: Path = DIRECTORY, package: Path = PACKAGE) -> list[Path]:
 
 def main() -> int:
     try:
-        written = build()
+        build()
     except RuntimeError as exc:
         print(f"sensorcast: {exc}", file=sys.stderr)
         return 1
     print(f"sensorcast: compiled {', '.join(MODULES)} into {DIRECTORY}")
-    del written
     return 0
 
 
